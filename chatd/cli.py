@@ -1,0 +1,100 @@
+"""`chatd serve | token | migrate`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .auth import Authenticator
+from .config import Config, add_options, config_from_args
+from .errors import ChatdError
+from .server import Server, authenticator_for
+
+log = logging.getLogger("chatd.cli")
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="chatd", description="chatd: a direct-messaging server")
+    p.add_argument("--version", action="version", version=f"chatd {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the server (applies pending migrations first)")
+    add_options(serve)
+
+    token = sub.add_parser("token", help="print a JWT for USER, signed with the server's secret")
+    token.add_argument("user")
+    token.add_argument("--ttl", type=float, default=86400.0, help="seconds of validity [86400]")
+    add_options(token, {"db", "jwt_secret", "jwt_secret_file", "jwt_algorithms", "log_level"})
+
+    migrate = sub.add_parser("migrate", help="apply pending database migrations and exit")
+    add_options(migrate, {"db", "log_level"})
+    return p
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # Libraries log at WARNING: chatd logs connection open/close itself, with a connection id.
+    for noisy in ("websockets", "alembic", "sqlalchemy", "aiosqlite", "asyncio"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def _install_loop() -> None:
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def _serve(config: Config) -> None:
+    server = Server(config)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    print(f"chatd listening on ws://{config.host}:{server.port}/ws", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await server.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = config_from_args(args)
+        _setup_logging(config.log_level)
+        if args.command == "serve":
+            _install_loop()
+            asyncio.run(_serve(config))
+        elif args.command == "token":
+            auth: Authenticator = authenticator_for(config)
+            print(auth.mint(args.user, args.ttl))
+        elif args.command == "migrate":
+            from storage.migrate import upgrade
+
+            upgrade(config.db_url)
+            print("migrations applied", flush=True)
+    except ChatdError as exc:
+        print(f"chatd: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"chatd: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""One typed Config, built from CLI flags and CHATD_* environment variables in one place.
+
+Precedence: command-line flag > CHATD_<NAME> environment variable > default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from protocol import Limits
+from storage.urls import normalize_url, sqlite_path
+
+from .errors import ConfigError
+
+__all__ = ["OPTIONS", "Config", "add_options", "config_from_args"]
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    host: str = "127.0.0.1"
+    port: int = 8765
+    db: str = "sqlite:///chatd.db"
+    broker: str = "memory"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    jwt_secret: str = ""
+    jwt_secret_file: str = ""
+    jwt_algorithms: tuple[str, ...] = ("HS256",)
+    group_commit: bool = True
+    max_batch: int = 256
+    ping_interval: float = 20.0
+    ping_timeout: float = 20.0
+    outbox_limit: int = 2000
+    """Frames queued for one connection before it is closed 1013 as a slow reader."""
+    compression: bool = False
+    migrate: bool = True
+    shutdown_timeout: float = 10.0
+    log_level: str = "INFO"
+    limits: Limits = field(default_factory=Limits)
+
+    @property
+    def db_url(self) -> str:
+        return normalize_url(self.db)
+
+    def secret_path(self) -> Path:
+        """Where the generated JWT secret lives: beside the SQLite file, else ./chatd.secret."""
+        if self.jwt_secret_file:
+            return Path(self.jwt_secret_file)
+        db_file = sqlite_path(self.db_url)
+        if db_file is not None:
+            return db_file.with_name(db_file.name + ".secret")
+        return Path("chatd.secret")
+
+
+def _bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"not a boolean: {text!r}")
+
+
+def _algs(text: str) -> tuple[str, ...]:
+    return tuple(a.strip() for a in text.split(",") if a.strip())
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    name: str
+    """Config field (or `limits.<field>`)."""
+    parse: Callable[[str], Any]
+    help: str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.removeprefix("limits.").replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return "CHATD_" + self.name.removeprefix("limits.").upper()
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("host", str, "interface to listen on"),
+    Option("port", int, "TCP port (0: any free port)"),
+    Option("db", str, "database URL: sqlite:///FILE or postgresql://USER@HOST/DB"),
+    Option("broker", str, "'memory' (one node) or 'redis' (many nodes)"),
+    Option("redis_url", str, "Redis URL for --broker redis"),
+    Option("jwt_secret", str, "HS256 secret (unset: a generated file beside the database)"),
+    Option("jwt_secret_file", str, "file holding the JWT secret (created if missing)"),
+    Option("jwt_algorithms", _algs, "accepted JWT algorithms, comma separated"),
+    Option("group_commit", _bool, "batch concurrent writes into one transaction"),
+    Option("max_batch", int, "most writes in one group commit"),
+    Option("ping_interval", float, "seconds between WebSocket pings"),
+    Option("ping_timeout", float, "seconds to wait for a pong before closing"),
+    Option("outbox_limit", int, "frames queued per connection before closing it 1013"),
+    Option("compression", _bool, "offer permessage-deflate"),
+    Option("migrate", _bool, "apply pending migrations at start"),
+    Option("shutdown_timeout", float, "seconds to drain connections on shutdown"),
+    Option("log_level", str, "DEBUG, INFO, WARNING or ERROR"),
+    Option("limits.max_frame", int, "largest frame in bytes (above: close 1009)"),
+    Option("limits.max_body", int, "largest message body in bytes"),
+    Option("limits.send_rate", float, "sends per second per user"),
+    Option("limits.send_burst", int, "send burst per user"),
+    Option("limits.typing_rate", float, "typing frames per second per user"),
+    Option("limits.max_connections_per_user", int, "connections per user"),
+    Option("limits.hello_timeout", float, "seconds to send hello"),
+    Option("limits.max_bad_frames", int, "bad frames in a row before close 1008"),
+)
+
+
+def add_options(parser: argparse.ArgumentParser, names: set[str] | None = None) -> None:
+    """Add a flag for each option (or only those named); defaults stay None (= unset)."""
+    for opt in OPTIONS:
+        if names is not None and opt.name not in names:
+            continue
+        parser.add_argument(
+            opt.flag, dest=opt.name, type=opt.parse, default=None, help=f"{opt.help} [{opt.env}]"
+        )
+
+
+def config_from_args(ns: argparse.Namespace, env: Mapping[str, str] | None = None) -> Config:
+    env = os.environ if env is None else env
+    top: dict[str, Any] = {}
+    lim: dict[str, Any] = {}
+    for opt in OPTIONS:
+        value = getattr(ns, opt.name, None)
+        if value is None and opt.env in env:
+            try:
+                value = opt.parse(env[opt.env])
+            except (ValueError, argparse.ArgumentTypeError) as exc:
+                raise ConfigError(f"{opt.env}: {exc}") from None
+        if value is None:
+            continue
+        if opt.name.startswith("limits."):
+            lim[opt.name.removeprefix("limits.")] = value
+        else:
+            top[opt.name] = value
+    cfg = Config(**top)
+    if lim:
+        cfg = replace(cfg, limits=replace(cfg.limits, **lim))
+    _check(cfg)
+    return cfg
+
+
+def _check(cfg: Config) -> None:
+    if cfg.broker not in ("memory", "redis"):
+        raise ConfigError(f"unknown broker {cfg.broker!r}: use 'memory' or 'redis'")
+    if not 0 <= cfg.port <= 65535:
+        raise ConfigError(f"port {cfg.port} out of range")
+    for f in fields(Limits):
+        if getattr(cfg.limits, f.name) <= 0:
+            raise ConfigError(f"limit {f.name} must be positive")
+    if cfg.limits.max_body >= cfg.limits.max_frame:
+        raise ConfigError("max_body must be below max_frame")

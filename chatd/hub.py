@@ -1,0 +1,86 @@
+"""The local hub: which sessions of which users live on this node."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from protocol import Limits
+
+from .broker import Broker, LiveEvent
+from .ratelimit import TokenBucket
+
+if TYPE_CHECKING:
+    from .session import Session
+
+log = logging.getLogger("chatd.hub")
+
+__all__ = ["Hub", "TooManyConnections", "UserState"]
+
+
+class TooManyConnections(Exception):
+    """The user already has the most connections allowed on this node."""
+
+
+@dataclass(slots=True)
+class UserState:
+    """Per-user state on this node: sessions and rate limits (shared by devices)."""
+
+    sends: TokenBucket
+    typing: TokenBucket
+    sessions: set[Session] = field(default_factory=set)
+
+
+class Hub:
+    def __init__(self, broker: Broker, limits: Limits) -> None:
+        self._broker = broker
+        self._limits = limits
+        self._users: dict[str, UserState] = {}
+
+    def deliver(self, user: str, event: LiveEvent) -> None:
+        """Broker callback: hand the event to every local session of the user."""
+        state = self._users.get(user)
+        if state is None:
+            return
+        for session in tuple(state.sessions):
+            session.push_live(event)
+
+    def user_state(self, user: str) -> UserState:
+        state = self._users.get(user)
+        if state is None:
+            now = time.monotonic()
+            lim = self._limits
+            state = UserState(
+                sends=TokenBucket(lim.send_rate, lim.send_burst, now),
+                typing=TokenBucket(lim.typing_rate, lim.typing_rate, now),
+            )
+            self._users[user] = state
+        return state
+
+    async def attach(self, session: Session) -> UserState:
+        """Register a session; raises TooManyConnections over the per-user limit."""
+        state = self.user_state(session.user)
+        if len(state.sessions) >= self._limits.max_connections_per_user:
+            raise TooManyConnections(session.user)
+        first = not state.sessions
+        state.sessions.add(session)
+        if first:
+            await self._broker.subscribe(session.user)
+        return state
+
+    async def detach(self, session: Session) -> None:
+        state = self._users.get(session.user)
+        if state is None or session not in state.sessions:
+            return
+        state.sessions.discard(session)
+        if not state.sessions:
+            del self._users[session.user]
+            await self._broker.unsubscribe(session.user)
+
+    def session_count(self) -> int:
+        return sum(len(s.sessions) for s in self._users.values())
+
+    def sessions(self) -> list[Session]:
+        return [s for st in self._users.values() for s in st.sessions]

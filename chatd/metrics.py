@@ -1,0 +1,41 @@
+"""Prometheus metrics of one chatd process (served at /metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["Metrics"]
+
+
+class Metrics:
+    """All metrics of one server, in their own registry (tests run many servers)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.connections = Gauge("chatd_connections", "Open WebSocket connections", registry=r)
+        self.sessions = Gauge("chatd_sessions", "Authenticated sessions", registry=r)
+        self.frames_in = Counter(
+            "chatd_frames_in", "Client frames received, by type", ["type"], registry=r
+        )
+        self.errors = Counter("chatd_errors", "Error frames sent, by code", ["code"], registry=r)
+        self.messages = Counter(
+            "chatd_messages_stored", "Messages stored (not counting duplicates)", registry=r
+        )
+        self.duplicates = Counter(
+            "chatd_messages_duplicate", "Sends answered as duplicates", registry=r
+        )
+        self.receipts = Counter(
+            "chatd_receipts_stored", "Watermark moves stored, by kind", ["kind"], registry=r
+        )
+        self.closes = Counter(
+            "chatd_closes", "Connections closed by the server, by code", ["code"], registry=r
+        )
+        self.gap_fills = Counter(
+            "chatd_gap_fills", "Events read back from storage to fill a cursor gap", registry=r
+        )
+        self.commit_seconds = Histogram(
+            "chatd_send_commit_seconds",
+            "Time from a send frame to its durable commit",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+            registry=r,
+        )

@@ -1,0 +1,170 @@
+"""The chatd process: startup, main loop and shutdown as plain methods."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from http import HTTPStatus
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from websockets.asyncio.server import Server as WsServer
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.http11 import Request, Response
+from websockets.typing import Subprotocol
+
+from protocol import SUBPROTOCOL
+from storage.base import StorageError, Store
+
+from .auth import Authenticator, load_or_create_secret
+from .broker import Broker
+from .config import Config
+from .hub import Hub
+from .metrics import Metrics
+from .session import Session
+
+log = logging.getLogger("chatd.server")
+
+__all__ = ["Context", "Server", "authenticator_for", "build_broker", "build_store"]
+
+
+@dataclass(slots=True)
+class Context:
+    """What every session of one server shares."""
+
+    config: Config
+    store: Store
+    broker: Broker
+    hub: Hub
+    auth: Authenticator
+    metrics: Metrics
+
+
+def authenticator_for(config: Config) -> Authenticator:
+    secret = config.jwt_secret or load_or_create_secret(config.secret_path())
+    return Authenticator(secret, config.jwt_algorithms)
+
+
+def build_store(config: Config) -> Store:
+    from storage.sql import SqlStore
+
+    return SqlStore(config.db_url, group_commit=config.group_commit, max_batch=config.max_batch)
+
+
+def build_broker(config: Config) -> Broker:
+    if config.broker == "redis":
+        from .broker_redis import RedisBroker  # type: ignore[import-not-found,unused-ignore]
+
+        broker: Broker = RedisBroker(config.redis_url)
+        return broker
+    from .broker_memory import LocalBroker
+
+    return LocalBroker()
+
+
+class Server:
+    def __init__(
+        self, config: Config, *, store: Store | None = None, broker: Broker | None = None
+    ) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.store = store if store is not None else build_store(config)
+        self.broker = broker if broker is not None else build_broker(config)
+        self.hub = Hub(self.broker, config.limits)
+        self.ctx = Context(
+            config, self.store, self.broker, self.hub, authenticator_for(config), self.metrics
+        )
+        self._ws: WsServer | None = None
+        self._ids = itertools.count(1)
+        self._stopped = asyncio.Event()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        cfg = self.config
+        if cfg.migrate:
+            from storage.migrate import upgrade_async
+
+            await upgrade_async(cfg.db_url)
+        await self.store.open()
+        await self.broker.start(self.hub.deliver)
+        self._ws = await serve(
+            self._handle,
+            cfg.host,
+            cfg.port,
+            subprotocols=[Subprotocol(SUBPROTOCOL)],
+            select_subprotocol=_select_subprotocol,
+            process_request=self._process_request,
+            compression="deflate" if cfg.compression else None,
+            max_size=cfg.limits.max_frame,
+            ping_interval=cfg.ping_interval,
+            ping_timeout=cfg.ping_timeout,
+            close_timeout=5,
+            server_header="chatd",
+        )
+        log.info("listening on ws://%s:%d/ws (broker %s)", cfg.host, self.port, cfg.broker)
+
+    @property
+    def port(self) -> int:
+        assert self._ws is not None
+        for sock in self._ws.sockets:
+            return int(sock.getsockname()[1])
+        raise RuntimeError("not listening")
+
+    async def wait(self) -> None:
+        await self._stopped.wait()
+
+    async def stop(self) -> None:
+        """Stop listening, close connections with 1001, drain, then close broker and store."""
+        if self._ws is not None:
+            log.info("shutting down: closing %d connections", len(self._ws.connections))
+            self._ws.close(close_connections=True)
+            try:
+                async with asyncio.timeout(self.config.shutdown_timeout):
+                    await self._ws.wait_closed()
+            except TimeoutError:
+                log.warning("connections did not close in time")
+            self._ws = None
+        await self.broker.close()
+        await self.store.close()
+        self._stopped.set()
+        log.info("stopped")
+
+    async def __aenter__(self) -> Server:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # ------------------------------------------------------------------ connections
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        conn_id = next(self._ids)
+        log.debug("conn %d: open from %s", conn_id, ws.remote_address)
+        await Session(self.ctx, ws, conn_id).run()
+
+    async def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
+        path = request.path.split("?", 1)[0]
+        if path == "/ws":
+            return None
+        if path == "/healthz":
+            return ws.respond(HTTPStatus.OK, "ok\n")
+        if path == "/readyz":
+            try:
+                await self.store.ping()
+            except StorageError:
+                return ws.respond(HTTPStatus.SERVICE_UNAVAILABLE, "storage unavailable\n")
+            return ws.respond(HTTPStatus.OK, "ready\n")
+        if path == "/metrics":
+            resp = ws.respond(HTTPStatus.OK, generate_latest(self.metrics.registry).decode())
+            resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+            return resp
+        return ws.respond(HTTPStatus.NOT_FOUND, "not found: connect to /ws\n")
+
+
+def _select_subprotocol(ws: ServerConnection, offered: Sequence[Subprotocol]) -> Subprotocol | None:
+    """Select chatd.v1 when offered; a client that offers none is served all the same."""
+    return Subprotocol(SUBPROTOCOL) if SUBPROTOCOL in offered else None

@@ -1,0 +1,612 @@
+"""One session per WebSocket connection.
+
+Two tasks own a connection: the *reader* (this module's `run`) decodes client
+frames and acts on them; the *writer* (`_write_loop`) is the only one that
+writes to the socket, from an ordered outbox. Every event of the user's stream
+goes out in `cur` order with no gap and no repeat:
+
+- `_last` is the highest `cur` written on this connection;
+- a live event at `_last + 1` is written; one at or below `_last` is dropped
+  (catch-up or a gap fill already wrote it); one above `_last + 1` means events
+  are missing (a publish not yet arrived, or lost): they are read back from
+  storage first (`_fill`), which is safe because per user `cur` order is
+  commit order;
+- the result of this connection's own write (`sent`, or a receipt and `ok`)
+  takes its `cur` place the same way, so `sent` replaces the `msg` event of
+  this connection's own message. When a gap fill meets an own message still
+  waiting for its `sent`, it waits for that reply and writes it in place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import CloseCode
+
+from protocol import (
+    ConvsRequest,
+    ErrorCode,
+    FrameError,
+    Hello,
+    HistoryRequest,
+    Mark,
+    Ping,
+    Send,
+    Typing,
+    decode_client,
+    encode_map,
+)
+from storage.base import (
+    Event,
+    NotAMember,
+    StorageError,
+    StorageUnavailable,
+    UptoTooHigh,
+)
+
+from .broker import LiveEvent
+from .errors import AuthError
+from .hub import TooManyConnections, UserState
+from .wire import encode_event, msg_map, receipt_map
+
+if TYPE_CHECKING:
+    from .server import Context
+
+log = logging.getLogger("chatd.session")
+
+__all__ = ["Session"]
+
+_PLAIN, _LIVE, _OWN_SENT, _OWN_MARK, _CLOSE = range(5)
+_PAGE = 500
+_OWN_WAIT = 30.0
+"""Seconds a gap fill waits for this connection's own `sent` reply."""
+
+Item = tuple[int, int, bytes, bytes | None, str]
+"""(kind, cur, data, after, cmid): `after` is written after `data` (a mark's `ok`);
+`cmid` names this connection's own send for an `_OWN_SENT` item."""
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class _Closing(Exception):
+    """Raised inside the reader to close the connection with (code, reason)."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+class Session:
+    def __init__(self, ctx: Context, ws: ServerConnection, conn_id: int) -> None:
+        self.ctx = ctx
+        self.ws = ws
+        self.conn_id = conn_id
+        self.user = ""
+        self.device = ""
+        self._state: UserState | None = None
+        self._outbox: deque[Item] = deque()
+        self._wake = asyncio.Event()
+        self._last = 0
+        self._pending: dict[str, asyncio.Future[bytes | None]] = {}
+        self._written_own: set[int] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._writer: asyncio.Task[None] | None = None
+        self._bad_in_row = 0
+        self._closing = False
+        """No more frames are queued: the connection is being closed."""
+        self._close_started = False
+        self._idle = asyncio.Event()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self) -> None:
+        metrics = self.ctx.metrics
+        metrics.connections.inc()
+        try:
+            hello = await self._await_hello()
+            if hello is not None:
+                await self._serve(hello)
+        except _Closing as exc:
+            await self._close(exc.code, exc.reason)
+        except ConnectionClosed:
+            pass
+        finally:
+            metrics.connections.dec()
+            await self._teardown()
+
+    async def _teardown(self) -> None:
+        if self._tasks:
+            # In-flight writes finish (they are durable either way); replies may be lost.
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._writer is not None:
+            self._writer.cancel()
+            await asyncio.gather(self._writer, return_exceptions=True)
+        if self._state is not None:
+            self.ctx.metrics.sessions.dec()
+            await self.ctx.hub.detach(self)
+            log.info("conn %d: closed (user %s, device %s)", self.conn_id, self.user, self.device)
+
+    async def _close(self, code: int, reason: str) -> None:
+        self._closing = True
+        if self._close_started:
+            return
+        self._close_started = True
+        self.ctx.metrics.closes.labels(str(code)).inc()
+        log.info("conn %d: closing %d (%s)", self.conn_id, code, reason)
+        await self.ws.close(code, reason)
+
+    # ------------------------------------------------------------------ handshake
+
+    async def _await_hello(self) -> Hello | None:
+        limits = self.ctx.config.limits
+        try:
+            async with asyncio.timeout(limits.hello_timeout):
+                while True:
+                    data = await self.ws.recv()
+                    frame = await self._decode(data, self._send_now)
+                    if frame is None:
+                        continue
+                    if not isinstance(frame, Hello):
+                        await self._send_now(
+                            _error(ErrorCode.UNAUTHORIZED, "say hello first", _rid(frame))
+                        )
+                        continue
+                    try:
+                        self.user = self.ctx.auth.verify(frame.token)
+                    except AuthError as exc:
+                        log.info("conn %d: refused token (%s)", self.conn_id, exc)
+                        await self._send_now(
+                            _error(ErrorCode.UNAUTHORIZED, "bad or expired token", frame.id)
+                        )
+                        raise _Closing(CloseCode.POLICY_VIOLATION, "unauthorized") from None
+                    self.device = frame.device
+                    return frame
+        except TimeoutError:
+            raise _Closing(CloseCode.POLICY_VIOLATION, "no hello in time") from None
+
+    async def _serve(self, hello: Hello) -> None:
+        ctx = self.ctx
+        try:
+            self._state = await ctx.hub.attach(self)
+        except TooManyConnections:
+            await self._send_now(
+                _error(
+                    ErrorCode.RATE_LIMITED,
+                    "too many connections for this user",
+                    hello.id,
+                    retry_ms=1000,
+                )
+            )
+            raise _Closing(CloseCode.TRY_AGAIN_LATER, "too many connections") from None
+        ctx.metrics.sessions.inc()
+        try:
+            welcome_cur = await ctx.store.last_cur(self.user)
+        except StorageError:
+            await self._send_now(_error(ErrorCode.UNAVAILABLE, "storage unavailable", hello.id))
+            raise _Closing(CloseCode.TRY_AGAIN_LATER, "storage unavailable") from None
+        welcome: dict[str, Any] = {
+            "t": "welcome",
+            "user": self.user,
+            "device": self.device,
+            "cur": welcome_cur,
+            "ts": now_ms(),
+        }
+        if hello.id is not None:
+            welcome["id"] = hello.id
+        await self._send_now(encode_map(welcome))
+        log.info(
+            "conn %d: hello user %s device %s since %s cur %d",
+            self.conn_id,
+            self.user,
+            self.device,
+            hello.since,
+            welcome_cur,
+        )
+        self._writer = asyncio.create_task(self._write_loop(hello.since, welcome_cur))
+        self._writer.add_done_callback(self._writer_done)
+        await self._read_loop()
+
+    def _writer_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None or isinstance(exc, ConnectionClosed):
+            return
+        if isinstance(exc, _Closing):
+            self._spawn(self._close(exc.code, exc.reason))
+        elif isinstance(exc, StorageError):
+            log.warning("conn %d: storage unavailable while writing events", self.conn_id)
+            self._spawn(self._close(CloseCode.TRY_AGAIN_LATER, "storage unavailable"))
+        else:
+            log.error("conn %d: writer failed", self.conn_id, exc_info=exc)
+            self._spawn(self._close(CloseCode.INTERNAL_ERROR, "internal error"))
+
+    # ------------------------------------------------------------------ reading
+
+    async def _read_loop(self) -> None:
+        async for data in self.ws:
+            frame = await self._decode(data, self._reply)
+            if frame is None:
+                continue
+            try:
+                await self._dispatch(frame)
+            except FrameError as exc:
+                self._reply(_error(exc.code, exc.msg, exc.id, exc.retry_ms))
+
+    async def _decode(
+        self, data: bytes | str, answer: Callable[[bytes], Awaitable[None] | None]
+    ) -> Any:
+        """Decode a frame, answering (and counting) the bad ones; None when bad."""
+        ctx = self.ctx
+        try:
+            frame = decode_client(data, ctx.config.limits)
+        except FrameError as exc:
+            ctx.metrics.errors.labels(exc.code).inc()
+            ctx.metrics.frames_in.labels("invalid").inc()
+            if exc.code is ErrorCode.BAD_FRAME:
+                self._bad_in_row += 1
+                res = answer(_error(exc.code, exc.msg, exc.id))
+                if res is not None:
+                    await res
+                if self._bad_in_row >= ctx.config.limits.max_bad_frames:
+                    if self._writer is not None:
+                        await self._drain()
+                    raise _Closing(CloseCode.POLICY_VIOLATION, "too many bad frames") from None
+            else:
+                self._bad_in_row = 0
+                res = answer(_error(exc.code, exc.msg, exc.id))
+                if res is not None:
+                    await res
+            return None
+        self._bad_in_row = 0
+        ctx.metrics.frames_in.labels(frame.t).inc()
+        return frame
+
+    async def _dispatch(self, frame: Any) -> None:
+        if isinstance(frame, Send):
+            self._spawn(self._guard(frame.id, self._on_send(frame)))
+        elif isinstance(frame, Mark):
+            self._spawn(self._guard(frame.id, self._on_mark(frame)))
+        elif isinstance(frame, Typing):
+            await self._on_typing(frame)
+        elif isinstance(frame, HistoryRequest):
+            await self._guard(frame.id, self._on_history(frame))
+        elif isinstance(frame, ConvsRequest):
+            await self._guard(frame.id, self._on_convs(frame))
+        elif isinstance(frame, Ping):
+            pong: dict[str, Any] = {"t": "pong", "ts": now_ms()}
+            if frame.id is not None:
+                pong["id"] = frame.id
+            self._reply(encode_map(pong))
+        elif isinstance(frame, Hello):
+            raise FrameError(ErrorCode.BAD_REQUEST, "already said hello", frame.id)
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _guard(self, rid: Any, coro: Awaitable[None]) -> None:
+        """Run a request; map what it raises to exactly one error frame."""
+        try:
+            await coro
+        except FrameError as exc:
+            self._reply(_error(exc.code, exc.msg, rid, exc.retry_ms))
+        except StorageUnavailable:
+            log.warning("conn %d: storage unavailable", self.conn_id)
+            self._reply(_error(ErrorCode.UNAVAILABLE, "storage unavailable; retry later", rid))
+        except ConnectionClosed:
+            pass
+        except Exception:
+            log.exception("conn %d: request failed", self.conn_id)
+            self._reply(_error(ErrorCode.INTERNAL, "internal error", rid))
+
+    # ------------------------------------------------------------------ requests
+
+    async def _on_send(self, f: Send) -> None:
+        ctx = self.ctx
+        if f.to == self.user:
+            raise FrameError(ErrorCode.BAD_REQUEST, "cannot send to yourself")
+        assert self._state is not None
+        wait = self._state.sends.take(time.monotonic())
+        if wait > 0.0:
+            prior = await ctx.store.find_sent(self.user, f.cmid)
+            if prior is None:
+                raise FrameError(
+                    ErrorCode.RATE_LIMITED,
+                    "too many messages; retry later",
+                    retry_ms=max(1, math.ceil(wait * 1000)),
+                )
+            ctx.metrics.duplicates.inc()
+            self._reply(_sent(f.id, prior.message, prior.sender_cur, dup=True))
+            return
+        fut: asyncio.Future[bytes | None] | None = None
+        if f.cmid not in self._pending:
+            fut = asyncio.get_running_loop().create_future()
+            self._pending[f.cmid] = fut
+        started = time.perf_counter()
+        try:
+            out = await ctx.store.send(self.user, f.to, f.cmid, f.body, f.type, now_ms())
+        except BaseException:
+            if fut is not None:
+                self._unpend(f.cmid, fut, None)
+            raise
+        ctx.metrics.commit_seconds.observe(time.perf_counter() - started)
+        m = out.message
+        if out.dup:
+            ctx.metrics.duplicates.inc()
+            if fut is not None:
+                self._unpend(f.cmid, fut, None)
+            self._reply(_sent(f.id, m, out.sender_cur, dup=True))
+            return
+        ctx.metrics.messages.inc()
+        sent = _sent(f.id, m, out.sender_cur, dup=False)
+        if fut is not None and not fut.done():
+            fut.set_result(sent)
+        self._push((_OWN_SENT, out.sender_cur, sent, None, f.cmid if fut is not None else ""))
+        mine = msg_map(m, out.sender_cur)
+        theirs = dict(mine)
+        theirs["cur"] = out.recipient_cur
+        await self._publish(
+            [
+                (self.user, LiveEvent(out.sender_cur, encode_map(mine))),
+                (m.recipient, LiveEvent(out.recipient_cur, encode_map(theirs))),
+            ]
+        )
+
+    def _unpend(self, cmid: str, fut: asyncio.Future[bytes | None], value: bytes | None) -> None:
+        if not fut.done():
+            fut.set_result(value)
+        if self._pending.get(cmid) is fut:
+            del self._pending[cmid]
+
+    async def _on_mark(self, f: Mark) -> None:
+        ctx = self.ctx
+        if type(f.conv) is not str:
+            raise FrameError(ErrorCode.BAD_REQUEST, "not a conversation of yours")
+        try:
+            out = await ctx.store.mark(self.user, f.conv, f.kind, f.upto, now_ms())
+        except NotAMember:
+            raise FrameError(ErrorCode.BAD_REQUEST, "not a conversation of yours") from None
+        except UptoTooHigh:
+            raise FrameError(
+                ErrorCode.BAD_REQUEST, "'upto' is above the conversation's last seq"
+            ) from None
+        ok = encode_map({"t": "ok", "id": f.id}) if f.id is not None else None
+        r = out.receipt
+        if r is None:
+            if ok is not None:
+                self._reply(ok)
+            return
+        ctx.metrics.receipts.labels(r.kind).inc()
+        mine = encode_map(receipt_map(r, out.marker_cur))
+        self._push((_OWN_MARK, out.marker_cur, mine, ok, ""))
+        await self._publish(
+            [
+                (self.user, LiveEvent(out.marker_cur, mine)),
+                (out.peer, LiveEvent(out.peer_cur, encode_map(receipt_map(r, out.peer_cur)))),
+            ]
+        )
+
+    async def _on_typing(self, f: Typing) -> None:
+        if f.to == self.user:
+            raise FrameError(ErrorCode.BAD_REQUEST, "cannot type to yourself", f.id)
+        assert self._state is not None
+        wait = self._state.typing.take(time.monotonic())
+        if wait > 0.0:
+            if f.id is not None:
+                raise FrameError(
+                    ErrorCode.RATE_LIMITED,
+                    "typing too often",
+                    f.id,
+                    retry_ms=max(1, math.ceil(wait * 1000)),
+                )
+            return
+        data = encode_map({"t": "typing", "from": self.user, "on": f.on})
+        await self._publish([(f.to, LiveEvent(0, data))])
+        if f.id is not None:
+            self._reply(encode_map({"t": "ok", "id": f.id}))
+
+    async def _on_history(self, f: HistoryRequest) -> None:
+        if f.with_ == self.user:
+            raise FrameError(ErrorCode.BAD_REQUEST, "'with' must be another user")
+        limits = self.ctx.config.limits
+        limit = f.limit if f.limit is not None else limits.history_default
+        if limit > limits.history_max:
+            raise FrameError(ErrorCode.BAD_REQUEST, f"'limit' is at most {limits.history_max}")
+        page = await self.ctx.store.history(self.user, f.with_, f.before, limit)
+        self._reply(
+            encode_map(
+                {
+                    "t": "history",
+                    "id": f.id,
+                    "conv": page.conv,
+                    "msgs": [msg_map(m, None) for m in page.messages],
+                    "more": page.more,
+                    "delivered": page.delivered,
+                    "read": page.read,
+                }
+            )
+        )
+
+    async def _on_convs(self, f: ConvsRequest) -> None:
+        limits = self.ctx.config.limits
+        limit = f.limit if f.limit is not None else limits.convs_default
+        if limit > limits.convs_max:
+            raise FrameError(ErrorCode.BAD_REQUEST, f"'limit' is at most {limits.convs_max}")
+        rows = await self.ctx.store.convs(self.user, limit)
+        convs = [
+            {
+                "conv": c.conv,
+                "with": c.peer,
+                "seq": c.seq,
+                "ts": c.ts,
+                "unread": c.unread,
+                "delivered": c.delivered,
+                "read": c.read,
+            }
+            for c in rows
+        ]
+        self._reply(encode_map({"t": "convs", "id": f.id, "convs": convs}))
+
+    async def _publish(self, events: list[tuple[str, LiveEvent]]) -> None:
+        try:
+            await self.ctx.broker.publish(events)
+        except Exception:
+            # Stored already: receivers find it by gap fill or on their next connect.
+            log.warning("conn %d: publish failed; receivers will catch up", self.conn_id)
+
+    # ------------------------------------------------------------------ writing
+
+    def push_live(self, event: LiveEvent) -> None:
+        """Hub callback: a live event for this user."""
+        self._push((_LIVE, event.cur, event.data, None, ""))
+
+    def _reply(self, data: bytes) -> None:
+        self._push((_PLAIN, 0, data, None, ""))
+
+    def _push(self, item: Item) -> None:
+        if self._closing:
+            return
+        self._outbox.append(item)
+        self._wake.set()
+        if len(self._outbox) > self.ctx.config.outbox_limit:
+            # It loses nothing: it resumes with `since` and reads the rest from storage.
+            self._outbox.clear()
+            self._closing = True
+            self._spawn(self._close(CloseCode.TRY_AGAIN_LATER, "slow reader"))
+
+    async def _send_now(self, data: bytes) -> None:
+        await self.ws.send(data)
+
+    async def _drain(self) -> None:
+        """Wait (5 s at most) until the outbox is written, before a deliberate close."""
+        try:
+            async with asyncio.timeout(5.0):
+                while self._outbox and self._writer is not None and not self._writer.done():
+                    self._idle.clear()
+                    await self._idle.wait()
+        except TimeoutError:
+            pass
+
+    async def _write_loop(self, since: int | None, welcome_cur: int) -> None:
+        store = self.ctx.store
+        send = self.ws.send
+        # Catch-up: exactly the events with since < cur <= welcome_cur.
+        after = 0 if since is None else since
+        while after < welcome_cur:
+            if since is None:
+                page = await store.undelivered(self.user, after, welcome_cur, _PAGE)
+            else:
+                page = await store.events(self.user, after, welcome_cur, _PAGE)
+            for ev in page:
+                await send(encode_event(ev))
+            if len(page) < _PAGE:
+                break
+            after = page[-1].cur
+        await send(encode_map({"t": "synced", "cur": welcome_cur}))
+        self._last = welcome_cur
+        outbox = self._outbox
+        wake = self._wake
+        idle = self._idle
+        while True:
+            if not outbox:
+                idle.set()
+                wake.clear()
+                await wake.wait()
+                continue
+            kind, cur, data, after_data, cmid = outbox.popleft()
+            if kind == _PLAIN or (kind == _LIVE and cur == 0):
+                await send(data)
+                continue
+            if kind == _OWN_SENT and cmid:
+                self._pending.pop(cmid, None)
+            if cur <= self._last:
+                # Already written (catch-up or gap fill). An own result still owes its reply.
+                if kind == _OWN_SENT:
+                    if cur in self._written_own:
+                        self._written_own.discard(cur)
+                    else:
+                        await send(data)
+                elif kind == _OWN_MARK and after_data is not None:
+                    await send(after_data)
+                continue
+            if cur > self._last + 1:
+                await self._fill(cur - 1)
+            await send(data)
+            if after_data is not None:
+                await send(after_data)
+            self._last = cur
+
+    async def _fill(self, upto: int) -> None:
+        """Write the stored events with _last < cur <= upto (a gap in the live feed)."""
+        store = self.ctx.store
+        send = self.ws.send
+        while self._last < upto:
+            page = await store.events(self.user, self._last, upto, _PAGE)
+            if not page:
+                log.error(
+                    "conn %d: events %d..%d missing from storage", self.conn_id, self._last, upto
+                )
+                raise _Closing(CloseCode.INTERNAL_ERROR, "stream gap")
+            self.ctx.metrics.gap_fills.inc(len(page))
+            for ev in page:
+                await send(await self._own_or_event(ev))
+                self._last = ev.cur
+
+    async def _own_or_event(self, ev: Event) -> bytes:
+        """The frame for a stored event: this connection's own `sent` if it is waiting."""
+        m = ev.message
+        if m is not None and m.sender == self.user:
+            fut = self._pending.get(m.cmid)
+            if fut is not None:
+                try:
+                    async with asyncio.timeout(_OWN_WAIT):
+                        sent = await asyncio.shield(fut)
+                except TimeoutError:
+                    sent = None
+                if sent is not None:
+                    self._written_own.add(ev.cur)
+                    self._pending.pop(m.cmid, None)
+                    return sent
+        return encode_event(ev)
+
+
+def _rid(frame: Any) -> Any:
+    return getattr(frame, "id", None)
+
+
+def _error(code: ErrorCode, msg: str, rid: Any = None, retry_ms: int | None = None) -> bytes:
+    out: dict[str, Any] = {"t": "error", "code": str(code), "msg": msg}
+    if rid is not None:
+        out["id"] = rid
+    if retry_ms is not None:
+        out["retry_ms"] = retry_ms
+    return encode_map(out)
+
+
+def _sent(rid: Any, m: Any, cur: int, dup: bool) -> bytes:
+    out: dict[str, Any] = {
+        "t": "sent",
+        "id": rid,
+        "cmid": m.cmid,
+        "mid": m.mid,
+        "conv": m.conv,
+        "seq": m.seq,
+        "ts": m.ts,
+        "cur": cur,
+    }
+    if dup:
+        out["dup"] = True
+    return encode_map(out)
