@@ -54,11 +54,6 @@ def build_store(config: Config) -> Store:
 
 
 def build_broker(config: Config) -> Broker:
-    if config.broker == "redis":
-        from .broker_redis import RedisBroker  # type: ignore[import-not-found,unused-ignore]
-
-        broker: Broker = RedisBroker(config.redis_url)
-        return broker
     from .broker_memory import LocalBroker
 
     return LocalBroker()
