@@ -1,0 +1,127 @@
+"""Schema migrations (Alembic), configured in code so they work from an installed package.
+
+`upgrade(url)` (sync, for a CLI) and `upgrade_async(url)` bring the database to
+the newest revision; running them again is a no-op. On PostgreSQL the upgrade
+holds a session advisory lock, so several nodes starting at once migrate one
+after the other (the later ones find nothing to do). On SQLite the database
+file's own lock serialises writers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import text
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
+
+from storage.base import StorageUnavailable
+from storage.errors import is_driver_error
+from storage.urls import normalize_url, sqlite_path
+
+__all__ = [
+    "MIGRATIONS_DIR",
+    "PG_MIGRATION_LOCK",
+    "current_revision",
+    "current_revision_async",
+    "head_revision",
+    "upgrade",
+    "upgrade_async",
+]
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+
+#: Key of the PostgreSQL advisory lock held while migrating ("chatd" + 1).
+PG_MIGRATION_LOCK = 0x636861_7464_0001
+
+
+def alembic_config(url: str | None = None) -> Config:
+    """An Alembic Config pointing at this package's migrations."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    if url is not None:
+        cfg.set_main_option("sqlalchemy.url", normalize_url(url).replace("%", "%%"))
+    return cfg
+
+
+def head_revision() -> str:
+    """The newest revision of the migrations shipped with this package."""
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    if head is None:  # pragma: no cover - the package always ships revisions
+        raise RuntimeError("no migrations found")
+    return head
+
+
+def _upgrade_sync(connection: Connection, url: str) -> None:
+    cfg = alembic_config(url)
+    cfg.attributes["connection"] = connection
+    command.upgrade(cfg, "head")
+
+
+def _current_sync(connection: Connection) -> str | None:
+    return MigrationContext.configure(connection).get_current_revision()
+
+
+async def _with_lock(conn: AsyncConnection, url: str) -> None:
+    pg = conn.dialect.name == "postgresql"
+    if pg:
+        await conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": PG_MIGRATION_LOCK})
+        await conn.commit()
+    try:
+        await conn.run_sync(_upgrade_sync, url)
+        await conn.commit()
+    finally:
+        if pg:
+            await conn.rollback()
+            await conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": PG_MIGRATION_LOCK})
+            await conn.commit()
+
+
+async def upgrade_async(url: str) -> None:
+    """Migrate the database at `url` to the newest revision (idempotent).
+
+    Raises StorageUnavailable when the database cannot be reached.
+    """
+    norm = normalize_url(url)
+    path = sqlite_path(norm)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    engine = create_async_engine(norm)
+    try:
+        async with engine.connect() as conn:
+            await _with_lock(conn, norm)
+    except Exception as exc:
+        if is_driver_error(exc):
+            raise StorageUnavailable(f"migration failed: {type(exc).__name__}") from exc
+        raise
+    finally:
+        await engine.dispose()
+
+
+async def current_revision_async(url: str) -> str | None:
+    """The revision the database at `url` is at (None when never migrated)."""
+    engine = create_async_engine(normalize_url(url))
+    try:
+        async with engine.connect() as conn:
+            return await conn.run_sync(_current_sync)
+    except Exception as exc:
+        if is_driver_error(exc):
+            raise StorageUnavailable(f"cannot read revision: {type(exc).__name__}") from exc
+        raise
+    finally:
+        await engine.dispose()
+
+
+def upgrade(url: str) -> None:
+    """Sync wrapper of `upgrade_async` for a CLI (not from inside a running loop)."""
+    asyncio.run(upgrade_async(url))
+
+
+def current_revision(url: str) -> str | None:
+    """Sync wrapper of `current_revision_async` (not from inside a running loop)."""
+    return asyncio.run(current_revision_async(url))
