@@ -42,7 +42,9 @@ from protocol import (
     Send,
     Typing,
     decode_client,
+    decode_map,
     encode_map,
+    request_id,
 )
 from storage.base import (
     Event,
@@ -154,14 +156,21 @@ class Session:
             async with asyncio.timeout(limits.hello_timeout):
                 while True:
                     data = await self.ws.recv()
+                    try:
+                        m = decode_map(data)
+                    except FrameError:
+                        await self._decode(data, self._send_now)  # answers, counts bad_frame
+                        continue
+                    if m.get("t") != "hello":
+                        self._bad_in_row = 0
+                        await self._send_now(
+                            _error(ErrorCode.UNAUTHORIZED, "say hello first", request_id(m))
+                        )
+                        continue
                     frame = await self._decode(data, self._send_now)
                     if frame is None:
                         continue
-                    if not isinstance(frame, Hello):
-                        await self._send_now(
-                            _error(ErrorCode.UNAUTHORIZED, "say hello first", _rid(frame))
-                        )
-                        continue
+                    assert isinstance(frame, Hello)
                     try:
                         self.user = self.ctx.auth.verify(frame.token)
                     except AuthError as exc:

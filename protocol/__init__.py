@@ -11,6 +11,7 @@ from .codec import (
     encode_map,
     parse_client,
     parse_server,
+    request_id,
 )
 from .errors import ErrorCode, FrameError, ProtocolError
 from .frames import (
@@ -87,4 +88,5 @@ __all__ = [
     "is_user_id",
     "parse_client",
     "parse_server",
+    "request_id",
 ]

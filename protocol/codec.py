@@ -29,6 +29,7 @@ from .frames import (
     Ping,
     Pong,
     Receipt,
+    RequestId,
     Send,
     Sent,
     ServerFrame,
@@ -49,6 +50,7 @@ __all__ = [
     "encode_map",
     "parse_client",
     "parse_server",
+    "request_id",
 ]
 
 _DEFAULT_LIMITS = Limits()
@@ -76,7 +78,8 @@ def decode_map(data: bytes | bytearray | memoryview | str) -> dict[Any, Any]:
     return obj
 
 
-def _request_id(m: Mapping[Any, Any]) -> Any:
+def request_id(m: Mapping[Any, Any]) -> RequestId | None:
+    """The map's `id` when it is a valid request id, else None (for error replies)."""
     rid = m.get("id")
     try:
         check_request_id(rid, False, "frame")
@@ -150,7 +153,7 @@ _CLIENT_PARSERS: dict[str, Callable[[Mapping[Any, Any], Limits], ClientFrame]] =
 def parse_client(m: Mapping[Any, Any], limits: Limits = _DEFAULT_LIMITS) -> ClientFrame:
     """Validate a decoded map as a client frame; errors carry the frame's `id`."""
     t = m.get("t")
-    rid = _request_id(m)
+    rid = request_id(m)
     if type(t) is not str:
         raise FrameError(ErrorCode.BAD_REQUEST, "a frame needs a string 't'", rid)
     parser = _CLIENT_PARSERS.get(t)
