@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: run test lint typecheck pytest bench clean
+.PHONY: run test lint typecheck pytest bench server-bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,10 @@ pytest: $(VENV)/.test-deps
 test: lint typecheck pytest
 
 bench: $(VENV)/.test-deps
-	$(BIN)/python -m loadtest bench --out reports/
+	$(BIN)/python -m loadtest bench --out reports/bench
+
+server-bench: $(VENV)/.test-deps
+	$(BIN)/python -m loadtest server-bench --out reports/server-bench
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
