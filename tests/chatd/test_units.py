@@ -1,0 +1,203 @@
+"""Unit tests of chatd's small parts: broker contract, hub, rate limits, config, auth."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jwt
+import pytest
+
+from chatd.auth import Authenticator, load_or_create_secret
+from chatd.broker import Broker, LiveEvent
+from chatd.broker_memory import LocalBroker
+from chatd.config import Config, add_options, config_from_args
+from chatd.errors import AuthError, ConfigError
+from chatd.hub import Hub, TooManyConnections
+from chatd.ratelimit import TokenBucket
+from protocol import Limits
+
+SECRET = "k" * 32
+
+# ----------------------------------------------------------------- broker contract
+
+BROKERS: dict[str, Callable[[], Broker]] = {"memory": LocalBroker}
+
+
+@pytest.fixture(params=sorted(BROKERS))
+async def broker(request: pytest.FixtureRequest) -> Broker:
+    return BROKERS[request.param]()
+
+
+async def test_broker_delivers_in_order_to_subscribed_users_only(broker: Broker) -> None:
+    got: list[tuple[str, LiveEvent]] = []
+    await broker.start(lambda user, ev: got.append((user, ev)))
+    await broker.subscribe("alice")
+    events = [("alice", LiveEvent(i, b"a%d" % i)) for i in range(1, 6)]
+    await broker.publish([*events, ("bob", LiveEvent(1, b"b1"))])
+    assert got == events
+    await broker.close()
+
+
+async def test_broker_unsubscribe_stops_delivery_and_is_idempotent(broker: Broker) -> None:
+    got: list[str] = []
+    await broker.start(lambda user, ev: got.append(user))
+    await broker.subscribe("alice")
+    await broker.subscribe("alice")
+    await broker.unsubscribe("alice")
+    await broker.unsubscribe("alice")
+    await broker.publish([("alice", LiveEvent(1, b"x"))])
+    assert got == []
+    await broker.close()
+
+
+# ----------------------------------------------------------------- hub
+
+
+class _FakeSession:
+    def __init__(self, user: str) -> None:
+        self.user = user
+        self.got: list[LiveEvent] = []
+
+    def push_live(self, event: LiveEvent) -> None:
+        self.got.append(event)
+
+
+async def test_hub_routes_to_every_session_of_the_user_and_enforces_the_limit() -> None:
+    broker = LocalBroker()
+    hub = Hub(broker, Limits(max_connections_per_user=2))
+    await broker.start(hub.deliver)
+    a1, a2, a3, b = (_FakeSession(u) for u in ("alice", "alice", "alice", "bob"))
+    await hub.attach(a1)  # type: ignore[arg-type]
+    await hub.attach(a2)  # type: ignore[arg-type]
+    with pytest.raises(TooManyConnections):
+        await hub.attach(a3)  # type: ignore[arg-type]
+    await hub.attach(b)  # type: ignore[arg-type]
+    ev = LiveEvent(7, b"frame")
+    await broker.publish([("alice", ev)])
+    assert a1.got == [ev] and a2.got == [ev] and b.got == [] and a3.got == []
+    await hub.detach(a1)  # type: ignore[arg-type]
+    await hub.detach(a2)  # type: ignore[arg-type]
+    await broker.publish([("alice", LiveEvent(8, b"later"))])
+    assert a1.got == [ev]
+    assert hub.session_count() == 1
+
+
+# ----------------------------------------------------------------- token bucket
+
+
+def test_token_bucket_allows_a_burst_then_the_rate() -> None:
+    bucket = TokenBucket(rate=10.0, burst=3, now=0.0)
+    assert [bucket.take(0.0) for _ in range(3)] == [0.0, 0.0, 0.0]
+    wait = bucket.take(0.0)
+    assert wait == pytest.approx(0.1)
+    assert bucket.take(0.05) == pytest.approx(0.05)
+    assert bucket.take(0.2) == 0.0  # refilled at 10/s
+    assert bucket.take(100.0) == 0.0  # capped at the burst, not 1000 tokens
+    assert [bucket.take(100.0) for _ in range(3)].count(0.0) == 2
+
+
+# ----------------------------------------------------------------- config
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    add_options(p)
+    return p.parse_args(argv)
+
+
+def test_config_flag_beats_env_beats_default() -> None:
+    env = {"CHATD_PORT": "9000", "CHATD_HOST": "0.0.0.0", "CHATD_SEND_RATE": "2.5"}
+    cfg = config_from_args(_parse(["--port", "9100"]), env)
+    assert cfg.port == 9100
+    assert cfg.host == "0.0.0.0"
+    assert cfg.limits.send_rate == 2.5
+    assert cfg.limits.max_body == Limits().max_body
+    assert config_from_args(_parse([]), {}) == Config()
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"CHATD_BROKER": "zeromq"},
+        {"CHATD_PORT": "70000"},
+        {"CHATD_PORT": "eighty"},
+        {"CHATD_GROUP_COMMIT": "perhaps"},
+        {"CHATD_MAX_BODY": "0"},
+        {"CHATD_MAX_BODY": "70000"},
+    ],
+)
+def test_config_refuses_bad_values(env: dict[str, str]) -> None:
+    with pytest.raises(ConfigError):
+        config_from_args(_parse([]), env)
+
+
+def test_secret_file_sits_beside_the_sqlite_file(tmp_path: Path) -> None:
+    cfg = Config(db=f"sqlite:///{tmp_path}/data/chat.db")
+    assert cfg.secret_path() == tmp_path / "data" / "chat.db.secret"
+    assert Config(db="postgresql://u@h/db").secret_path() == Path("chatd.secret")
+
+
+def test_generated_secret_is_private_and_stable(tmp_path: Path) -> None:
+    path = tmp_path / "s" / "chatd.secret"
+    first = load_or_create_secret(path)
+    assert len(first) >= 32
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert load_or_create_secret(path) == first
+
+
+# ----------------------------------------------------------------- auth
+
+
+def _b64(obj: object) -> str:
+    return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
+
+
+def test_auth_accepts_its_own_tokens() -> None:
+    auth = Authenticator(SECRET)
+    assert auth.verify(auth.mint("alice.b-1_2")) == "alice.b-1_2"
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda: Authenticator("other" * 8).mint("alice"), id="other-secret"),
+        pytest.param(
+            lambda: Authenticator(SECRET).mint("alice", ttl=60, now=time.time() - 3600),
+            id="expired",
+        ),
+        pytest.param(
+            lambda: (
+                f"{_b64({'alg': 'none', 'typ': 'JWT'})}."
+                f"{_b64({'sub': 'alice', 'exp': int(time.time()) + 60})}."
+            ),
+            id="alg-none",
+        ),
+        pytest.param(lambda: jwt.encode({"sub": "alice"}, SECRET, algorithm="HS256"), id="no-exp"),
+        pytest.param(
+            lambda: jwt.encode(
+                {"sub": "al ice", "exp": int(time.time()) + 60}, SECRET, algorithm="HS256"
+            ),
+            id="bad-sub",
+        ),
+        pytest.param(
+            lambda: jwt.encode(
+                {"sub": "alice", "exp": int(time.time()) + 60}, SECRET, algorithm="HS512"
+            ),
+            id="alg-not-allowed",
+        ),
+        pytest.param(lambda: "not.a.jwt", id="garbage"),
+    ],
+)
+def test_auth_refuses(make: Callable[[], str]) -> None:
+    with pytest.raises(AuthError):
+        Authenticator(SECRET).verify(make())
+
+
+def test_auth_never_allows_alg_none_in_config() -> None:
+    with pytest.raises(ConfigError):
+        Authenticator(SECRET, algorithms=("HS256", "none"))
