@@ -101,6 +101,9 @@ class ChatClient:
         self._synced = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
         self._seen: OrderedDict[Any, None] = OrderedDict()
+        self._generation = 0
+        """Counts opened connections, so concurrent retries reconnect only once."""
+        self._reconnecting = asyncio.Lock()
 
     # ------------------------------------------------------------------ connection
 
@@ -123,6 +126,7 @@ class ChatClient:
         )
         self._synced.clear()
         self._forget_close_marker()
+        self._generation += 1
         self._reader = asyncio.create_task(self._read_loop(self.ws))
         since = self.cursor if self.cursor >= 0 else None
         reply = await self.request(Hello(token=self.token, since=since, device=self.device))
@@ -141,6 +145,13 @@ class ChatClient:
         """Close (if open) and connect again, resuming after `cursor`."""
         await self._drop()
         return await self.open()
+
+    async def _reconnect_once(self, generation: int) -> None:
+        """Reconnect after a failure seen on connection `generation`, unless a concurrent
+        retry already did (many sends in flight share one new connection)."""
+        async with self._reconnecting:
+            if self._generation == generation:
+                await self.reconnect()
 
     async def close(self) -> None:
         await self._drop()
@@ -208,6 +219,7 @@ class ChatClient:
         delay = 0.1
         for attempt in range(retries + 1):
             last = attempt == retries
+            generation = self._generation
             try:
                 reply = await self.request(
                     Send(id=self.next_id(), to=to, cmid=cmid, body=body, type=type)
@@ -225,7 +237,7 @@ class ChatClient:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 with contextlib.suppress(ConnectionClosed, TimeoutError, OSError, ClientError):
-                    await self.reconnect()
+                    await self._reconnect_once(generation)
                 continue
             assert isinstance(reply, Sent)
             self._remember(reply.mid)

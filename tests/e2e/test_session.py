@@ -1,0 +1,125 @@
+"""Handshake details and the stream under live traffic while clients come and go."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from chatd.server import Server
+
+from .conftest import Clients, MakeConfig, Servers, ws_url
+from .helpers import RawConn, is_t
+
+
+async def test_handshake_details(srv: Server, clients: Clients) -> None:
+    raw = await clients.raw(srv)
+    assert raw.ws.subprotocol == "chatd.v1"
+    await raw.send({"t": "hello", "token": srv.ctx.auth.mint("alice")})  # no id
+    w = await raw.next(is_t("welcome"))
+    assert "id" not in w and w["user"] == "alice" and w["device"] == "default"
+    assert isinstance(w["ts"], int) and w["cur"] == 0
+    await raw.next(is_t("synced"))
+    await raw.send({"t": "ping"})  # always answered, without id
+    pong = await raw.next(is_t("pong"))
+    assert "id" not in pong and isinstance(pong["ts"], int)
+    assert (await raw.request({"t": "ping", "id": "x" * 64}))["id"] == "x" * 64
+    w2 = await clients.raw(srv)
+    welcome = await w2.hello(srv.ctx.auth.mint("alice"), device="phone-1", since=None)
+    assert welcome["device"] == "phone-1"
+
+
+async def test_client_without_subprotocol_is_served(srv: Server) -> None:
+    from websockets.asyncio.client import connect
+
+    async with connect(ws_url(srv)) as ws:
+        assert ws.subprotocol is None
+        raw = RawConn(ws)
+        w = await raw.hello(srv.ctx.auth.mint("alice"))
+        assert w["t"] == "welcome"
+
+
+async def test_bad_hello_fields(srv: Server, clients: Clients) -> None:
+    raw = await clients.raw(srv)
+    for rid, extra in (
+        (1, {"since": -1}),
+        (2, {"since": "3"}),
+        (3, {"device": ""}),
+        (4, {"device": "d" * 65}),
+    ):
+        err = await raw.request({"t": "hello", "id": rid, "token": "x", **extra})
+        assert err["code"] == "bad_request", extra
+    assert (await raw.hello(srv.ctx.auth.mint("alice")))["t"] == "welcome"
+
+
+async def test_catch_up_pages_beyond_500_events(
+    servers: Servers, make_config: MakeConfig, clients: Clients
+) -> None:
+    srv = await servers.start(make_config(send_burst=2000))
+    alice = await clients.raw_hello(srv, "alice")
+    n = 1101
+    await asyncio.gather(
+        *(
+            alice.request(
+                {"t": "send", "id": i, "to": "bob", "cmid": f"c{i}", "body": str(i)}, timeout=30
+            )
+            for i in range(n)
+        )
+    )
+    for since in (None, 0, 99):
+        extra: dict[str, Any] = {} if since is None else {"since": since}
+        bob = await clients.raw(srv)
+        await bob.hello(srv.ctx.auth.mint("bob"), **extra)
+        await bob.next(is_t("synced"), timeout=20)
+        curs = [f["cur"] for f in bob.frames if f["t"] == "msg"]
+        assert curs == list(range((since or 0) + 1, n + 1))
+        await bob.close()
+
+
+async def test_reconnecting_with_since_under_live_traffic_loses_nothing(
+    servers: Servers, make_config: MakeConfig, clients: Clients
+) -> None:
+    """bob's devices connect, take a few events, drop and resume with since, while
+    alice keeps sending: together they see every cur exactly once, in order."""
+    srv = await servers.start(make_config(send_burst=1000))
+    alice = await clients.raw_hello(srv, "alice")
+    n = 150
+
+    async def sender() -> None:
+        for i in range(0, n, 5):
+            await asyncio.gather(
+                *(
+                    alice.request(
+                        {"t": "send", "id": j, "to": "bob", "cmid": f"c{j}", "body": "x"},
+                        timeout=20,
+                    )
+                    for j in range(i, min(n, i + 5))
+                )
+            )
+
+    async def reader(device: str) -> list[int]:
+        processed: list[int] = []
+        since: int | None = None
+        while not processed or processed[-1] < n:
+            raw = await RawConn.open(ws_url(srv))
+            try:
+                extra = {} if since is None else {"since": since}
+                await raw.hello(srv.ctx.auth.mint("bob"), device=device, **extra)
+
+                # take up to 7 stream events on this connection, then drop it
+                def msgs(fr: list[dict[str, Any]]) -> list[int]:
+                    return [f["cur"] for f in fr if f["t"] == "msg"]
+
+                await raw.wait_until(lambda fr: len(msgs(fr)) >= 7 or n in msgs(fr), timeout=20)
+                got = msgs(raw.frames)[:7]
+            finally:
+                await raw.close()
+            processed += got
+            if got:
+                since = got[-1]
+        return processed
+
+    results = await asyncio.gather(sender(), reader("d1"), reader("d2"))
+    for seen in results[1:]:
+        assert seen is not None
+        # nothing is marked delivered: the first (no since) catch-up starts at 1
+        assert seen == list(range(1, n + 1))
