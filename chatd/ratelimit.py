@@ -23,3 +23,7 @@ class TokenBucket:
             return 0.0
         self._tokens = tokens
         return (1.0 - tokens) / self._rate
+
+    def refund(self) -> None:
+        """Give back a token taken for something that turned out to cost nothing."""
+        self._tokens = min(self._burst, self._tokens + 1.0)

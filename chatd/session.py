@@ -354,6 +354,7 @@ class Session:
         ctx.metrics.commit_seconds.observe(time.perf_counter() - started)
         m = out.message
         if out.dup:
+            self._state.sends.refund()  # a duplicate stores nothing: it costs no rate
             ctx.metrics.duplicates.inc()
             if fut is not None:
                 self._unpend(f.cmid, fut, None)

@@ -99,6 +99,14 @@ def test_token_bucket_allows_a_burst_then_the_rate() -> None:
     assert bucket.take(0.2) == 0.0  # refilled at 10/s
     assert bucket.take(100.0) == 0.0  # capped at the burst, not 1000 tokens
     assert [bucket.take(100.0) for _ in range(3)].count(0.0) == 2
+    assert bucket.take(100.0) > 0.0
+    bucket.refund()
+    assert bucket.take(100.0) == 0.0
+    bucket.refund()
+    bucket.refund()
+    bucket.refund()
+    bucket.refund()
+    assert [bucket.take(100.0) for _ in range(4)].count(0.0) == 3  # never above the burst
 
 
 # ----------------------------------------------------------------- config

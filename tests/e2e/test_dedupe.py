@@ -7,7 +7,7 @@ import asyncio
 from chatd.server import Server
 from protocol import Msg, Send, Sent
 
-from .conftest import Clients
+from .conftest import Clients, MakeConfig, Servers
 from .helpers import collect, is_t
 
 
@@ -64,3 +64,18 @@ async def test_concurrent_duplicates_store_once(srv: Server, clients: Clients) -
     assert m2.mid == marker.mid and m2.seq == m.seq + 1
     page = await bob.history("alice")
     assert len(page.msgs) == 2
+
+
+async def test_a_duplicate_costs_no_rate(
+    servers: Servers, make_config: MakeConfig, clients: Clients
+) -> None:
+    """Retrying a stored cmid must not use up the sender's rate: with a burst of 2, one
+    message and any number of its retries still leave room for a second message."""
+    srv = await servers.start(make_config(send_burst=2, send_rate=0.001))
+    alice = await clients.connect(srv, "alice")
+    first = await alice.send("bob", "one", cmid="r-1", retries=0)
+    for _ in range(3):
+        again = await alice.request(Send(id=alice.next_id(), to="bob", cmid="r-1", body="one"))
+        assert isinstance(again, Sent) and again.dup and again.mid == first.mid
+    second = await alice.send("bob", "two", cmid="r-2", retries=0)
+    assert second.dup is False and second.seq == first.seq + 1
