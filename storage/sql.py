@@ -35,28 +35,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+import sqlite3
+from collections.abc import AsyncIterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
 from sqlalchemy import (
     ColumnElement,
     Select,
-    Table,
     TextClause,
     and_,
-    bindparam,
     event,
-    func,
     literal_column,
     select,
-    text,
-    tuple_,
-    update,
 )
-from sqlalchemy.dialects import postgresql as pg_dialect
-from sqlalchemy.dialects import sqlite as sqlite_dialect
-from sqlalchemy.engine import RowMapping
+from sqlalchemy.engine import Engine, RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 
@@ -75,9 +69,10 @@ from storage.base import (
     UptoTooHigh,
     conv_id,
 )
+from storage.batch_io import BatchIO, SqlAlchemyIO, SqliteIO
 from storage.errors import RETRYABLE_SQLSTATES, is_driver_error, sqlstate
 from storage.schema import convs, events, members, messages, users
-from storage.urls import normalize_url
+from storage.urls import normalize_url, sqlite_path
 
 __all__ = ["SqlStore"]
 
@@ -87,6 +82,41 @@ _RETRIES = 5
 _SQLITE_BUSY_TIMEOUT_MS = 10_000
 _PING_TIMEOUT_S = 5.0
 _PG_CONNECT_TIMEOUT_S = 10.0
+
+
+def _sqlite_pragmas(dbapi_conn: Any) -> None:
+    cursor = dbapi_conn.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute(f"PRAGMA busy_timeout={_SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+    finally:
+        cursor.close()
+
+
+def _cur_map(rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    return {r["user_id"]: int(r["last_cur"]) for r in rows}
+
+
+def _conv_map(rows: Sequence[Mapping[str, Any]]) -> dict[str, _Conv]:
+    return {
+        r["conv"]: _Conv(int(r["last_seq"]), int(r["last_ts"]), int(r["last_mid"])) for r in rows
+    }
+
+
+def _sqlite_session_setup(engine: Engine, begin_sql: str) -> None:
+    """WAL, synchronous=FULL (an acknowledged message survives power loss), busy timeout,
+    foreign keys; transactions opened with `begin_sql` (the writer: BEGIN IMMEDIATE)."""
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: ConnectionPoolEntry) -> None:
+        dbapi_conn.isolation_level = None  # we emit BEGIN ourselves
+        _sqlite_pragmas(dbapi_conn)
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.exec_driver_sql(begin_sql)
 
 
 # --------------------------------------------------------------------------- ops
@@ -154,7 +184,7 @@ def _decode_body(body: bytes, is_text: bool) -> str | bytes:
     return bytes(body).decode("utf-8") if is_text else bytes(body)
 
 
-def _message_from(m: RowMapping, prefix: str = "") -> StoredMessage:
+def _message_from(m: Mapping[Any, Any], prefix: str = "") -> StoredMessage:
     return StoredMessage(
         mid=int(m[prefix + "mid"]),
         conv=m[prefix + "conv"],
@@ -168,7 +198,7 @@ def _message_from(m: RowMapping, prefix: str = "") -> StoredMessage:
     )
 
 
-def _dup_from(m: RowMapping) -> SendOutcome:
+def _dup_from(m: Mapping[Any, Any]) -> SendOutcome:
     return SendOutcome(
         message=_message_from(m),
         sender_cur=int(m["sender_cur"]),
@@ -207,8 +237,9 @@ class SqlStore:
 
     `url`: anything `storage.urls.normalize_url` accepts. `group_commit=False`
     runs one op per transaction (for benchmarks). `max_batch`: ops per
-    transaction at most. `pool_size`: connections for reads (the writer has
-    its own single connection).
+    transaction at most. `commit_window`: seconds to wait for more ops to join a
+    batch (0: commit as soon as the writer is free). `pool_size`: connections for
+    reads (the writer has its own single connection).
     """
 
     def __init__(
@@ -218,16 +249,23 @@ class SqlStore:
         group_commit: bool = True,
         max_batch: int = 256,
         pool_size: int = 10,
+        commit_window: float = 0.0,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         self.url = normalize_url(url)
         self.group_commit = group_commit
         self.max_batch = max_batch if group_commit else 1
+        self.commit_window = commit_window if group_commit else 0.0
+        """Seconds the writer waits after a batch's first write for more to join it
+        (PostgreSQL's commit_delay): fewer, larger transactions under load."""
         self.pool_size = pool_size
         self._sqlite = self.url.startswith("sqlite")
         self._reader: AsyncEngine | None = None
         self._writer_engine: AsyncEngine | None = None
+        self._sqlite_conn: sqlite3.Connection | None = None
+        """The SQLite writer's connection: used only on the `_sqlite_exec` thread."""
+        self._sqlite_exec: ThreadPoolExecutor | None = None
         self._queue: asyncio.Queue[_Op | None] = asyncio.Queue()
         self._writer_task: asyncio.Task[None] | None = None
         self._pair_sql: dict[tuple[object, ...], TextClause] = {}
@@ -242,24 +280,7 @@ class SqlStore:
         size = 1 if writer else max(1, self.pool_size)
         if self._sqlite:
             engine = create_async_engine(self.url, pool_size=size, max_overflow=0)
-            begin_sql = "BEGIN IMMEDIATE" if writer else "BEGIN"
-
-            @event.listens_for(engine.sync_engine, "connect")
-            def _on_connect(dbapi_conn: Any, _record: ConnectionPoolEntry) -> None:
-                dbapi_conn.isolation_level = None  # we emit BEGIN ourselves
-                cursor = dbapi_conn.cursor()
-                try:
-                    cursor.execute("PRAGMA journal_mode=WAL")
-                    cursor.execute("PRAGMA synchronous=FULL")
-                    cursor.execute(f"PRAGMA busy_timeout={_SQLITE_BUSY_TIMEOUT_MS}")
-                    cursor.execute("PRAGMA foreign_keys=ON")
-                finally:
-                    cursor.close()
-
-            @event.listens_for(engine.sync_engine, "begin")
-            def _on_begin(conn: Any) -> None:
-                conn.exec_driver_sql(begin_sql)
-
+            _sqlite_session_setup(engine.sync_engine, "BEGIN IMMEDIATE" if writer else "BEGIN")
             return engine
         return create_async_engine(
             self.url,
@@ -277,7 +298,10 @@ class SqlStore:
         if self._writer_task is not None:
             return
         self._reader = self._make_engine(writer=False)
-        self._writer_engine = self._make_engine(writer=True)
+        if self._sqlite:
+            self._sqlite_exec = ThreadPoolExecutor(1, thread_name_prefix="chatd-sqlite-writer")
+        else:
+            self._writer_engine = self._make_engine(writer=True)
         self._closing = False
         try:
             await self.ping()
@@ -306,6 +330,11 @@ class SqlStore:
                     await engine.dispose()
         self._reader = None
         self._writer_engine = None
+        pool, self._sqlite_exec = self._sqlite_exec, None
+        if pool is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.get_running_loop().run_in_executor(pool, self._close_sqlite_conn)
+            pool.shutdown(wait=True)
 
     def _fail_queued(self) -> None:
         while True:
@@ -358,6 +387,8 @@ class SqlStore:
             if first is None:
                 break
             batch: list[_Op] = [first]
+            if self.commit_window > 0.0 and queue.qsize() < self.max_batch:
+                await asyncio.sleep(self.commit_window)
             while len(batch) < self.max_batch:
                 try:
                     nxt = queue.get_nowait()
@@ -408,86 +439,49 @@ class SqlStore:
             else:
                 op.future.set_result(res)  # type: ignore[arg-type]
 
-    def _insert(self, table: Any) -> sqlite_dialect.Insert | pg_dialect.Insert:
-        if self._sqlite:
-            return sqlite_dialect.insert(table)
-        return pg_dialect.insert(table)
-
-    async def _select_pairs(
-        self,
-        conn: AsyncConnection,
-        table: Table,
-        key: tuple[str, str],
-        cols: Sequence[str],
-        pairs: Sequence[tuple[str, str]],
-    ) -> list[RowMapping]:
-        """The `cols` of the rows of `table` whose two-column `key` is one of `pairs`,
-        through the index on `key`.
-
-        PostgreSQL: a row-value IN with an expanding parameter. SQLite scans the
-        whole table for a multi-row row-value IN, so there it is a join with a
-        VALUES list, padded to a power of two (a handful of statement shapes).
-        """
-        ka, kb = key
-        if not self._sqlite:
-            q = select(*(table.c[n] for n in cols)).where(
-                tuple_(table.c[ka], table.c[kb]).in_(list(pairs))
-            )
-            return list((await conn.execute(q)).mappings())
-        size = 1
-        while size < len(pairs):
-            size *= 2
-        padded = list(pairs) + [pairs[-1]] * (size - len(pairs))
-        cache_key = (table.name, key, tuple(cols), size)
-        stmt = self._pair_sql.get(cache_key)
-        if stmt is None:
-            rows = ", ".join(f"(:a{i}, :b{i})" for i in range(size))
-            select_list = ", ".join(f't."{n}"' for n in cols)
-            stmt = text(
-                f"SELECT DISTINCT {select_list} FROM (VALUES {rows}) AS v "
-                f'JOIN "{table.name}" AS t ON t."{ka}" = v.column1 AND t."{kb}" = v.column2'
-            )
-            self._pair_sql[cache_key] = stmt
-        params: dict[str, str] = {}
-        for i, (x, y) in enumerate(padded):
-            params[f"a{i}"] = x
-            params[f"b{i}"] = y
-        return list((await conn.execute(stmt, params)).mappings())
-
-    async def _lock_users(self, conn: AsyncConnection, ids: list[str]) -> dict[str, int]:
-        """`last_cur` of the existing users among `ids` (sorted), locked on PostgreSQL."""
-        q = (
-            select(users.c.user_id, users.c.last_cur)
-            .where(users.c.user_id.in_(ids))
-            .order_by(users.c.user_id)
-        )
-        if not self._sqlite:
-            q = q.with_for_update()
-        return {r.user_id: int(r.last_cur) for r in await conn.execute(q)}
-
-    async def _lock_convs(self, conn: AsyncConnection, keys: list[str]) -> dict[str, _Conv]:
-        """The existing conversations among `keys` (sorted), locked on PostgreSQL."""
-        q = (
-            select(convs.c.conv, convs.c.last_seq, convs.c.last_ts, convs.c.last_mid)
-            .where(convs.c.conv.in_(keys))
-            .order_by(convs.c.conv)
-        )
-        if not self._sqlite:
-            q = q.with_for_update()
-        return {
-            r.conv: _Conv(int(r.last_seq), int(r.last_ts), int(r.last_mid))
-            for r in await conn.execute(q)
-        }
-
     async def _commit_batch(self, batch: Sequence[_Op]) -> list[object]:
+        """One transaction for the batch. SQLite: the whole transaction in one hop to the
+        writer thread, on its own stdlib sqlite3 connection. PostgreSQL: the same
+        `_apply` through `run_sync` on the async (asyncpg) connection."""
+        if self._sqlite:
+            if self._sqlite_exec is None:
+                raise StorageUnavailable("store is not open")
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._sqlite_exec, self._commit_batch_sync, batch)
         engine = self._writer_engine
         if engine is None:
             raise StorageUnavailable("store is not open")
         async with engine.connect() as conn, conn.begin():
-            results = await self._apply(conn, batch)
+            return await conn.run_sync(
+                lambda sync_conn: self._apply(SqlAlchemyIO(sync_conn, False, self._pair_sql), batch)
+            )
+
+    def _commit_batch_sync(self, batch: Sequence[_Op]) -> list[object]:
+        """Runs on the SQLite writer thread (the only user of `_sqlite_conn`)."""
+        conn = self._sqlite_conn
+        if conn is None:
+            path = sqlite_path(self.url)
+            assert path is not None
+            conn = self._sqlite_conn = sqlite3.connect(
+                path, isolation_level=None, check_same_thread=False
+            )
+            _sqlite_pragmas(conn)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            results = self._apply(SqliteIO(conn), batch)
+            conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise
         return results
 
-    async def _apply(self, conn: AsyncConnection, batch: Sequence[_Op]) -> list[object]:
+    def _close_sqlite_conn(self) -> None:
+        conn, self._sqlite_conn = self._sqlite_conn, None
+        if conn is not None:
+            conn.close()
+
+    def _apply(self, io: BatchIO, batch: Sequence[_Op]) -> list[object]:
         sends = [op for op in batch if isinstance(op, _SendOp)]
         marks = [op for op in batch if isinstance(op, _MarkOp)]
 
@@ -495,9 +489,7 @@ class SqlStore:
         mark_peer: dict[tuple[str, str], str] = {}
         if marks:
             keys = sorted({(op.user, op.conv) for op in marks})
-            peer_rows = await self._select_pairs(
-                conn, members, ("user_id", "conv"), ("user_id", "conv", "peer"), keys
-            )
+            peer_rows = io.pairs("members", ("user_id", "conv"), ("user_id", "conv", "peer"), keys)
             mark_peer = {(r["user_id"], r["conv"]): r["peer"] for r in peer_rows}
         # A mark in a conversation created by an earlier send of this batch.
         send_pairs = {conv_id(op.sender, op.recipient): (op.sender, op.recipient) for op in sends}
@@ -517,23 +509,20 @@ class SqlStore:
             user_ids.add(pu)
         last_cur: dict[str, int] = {}
         if user_ids:
-            last_cur = await self._lock_users(conn, sorted(user_ids))
+            last_cur = _cur_map(io.lock_users(sorted(user_ids)))
             missing = sorted(user_ids - last_cur.keys())
             if missing:
-                await conn.execute(
-                    self._insert(users).on_conflict_do_nothing(index_elements=["user_id"]),
-                    [{"user_id": u, "last_cur": 0} for u in missing],
+                io.insert_missing(
+                    "users", ["user_id"], [{"user_id": u, "last_cur": 0} for u in missing]
                 )
-                last_cur.update(await self._lock_users(conn, missing))
+                last_cur.update(_cur_map(io.lock_users(missing)))
         cur_dirty: set[str] = set()
 
         # 3. (sender, cmid) already stored.
         stored: dict[tuple[str, str], SendOutcome] = {}
         if sends:
             pairs = sorted({(s.sender, s.cmid) for s in sends})
-            dup_rows = await self._select_pairs(
-                conn, messages, ("sender", "cmid"), _DUP_COL_NAMES, pairs
-            )
+            dup_rows = io.pairs("messages", ("sender", "cmid"), _DUP_COL_NAMES, pairs)
             for mp in dup_rows:
                 stored[(mp["sender"], mp["cmid"])] = _dup_from(mp)
 
@@ -551,7 +540,7 @@ class SqlStore:
         conv_state: dict[str, _Conv] = {}
         member_state: dict[tuple[str, str], _Member] = {}
         if conv_keys:
-            conv_state = await self._lock_convs(conn, conv_keys)
+            conv_state = _conv_map(io.lock_convs(conv_keys))
             new_convs = sorted(set(send_convs) - conv_state.keys())
             if new_convs:
                 conv_rows = []
@@ -561,23 +550,16 @@ class SqlStore:
                     conv_rows.append({"conv": c, "user_a": a, "user_b": b})
                     member_rows.append({"user_id": a, "conv": c, "peer": b})
                     member_rows.append({"user_id": b, "conv": c, "peer": a})
-                await conn.execute(
-                    self._insert(convs).on_conflict_do_nothing(index_elements=["conv"]), conv_rows
-                )
-                await conn.execute(
-                    self._insert(members).on_conflict_do_nothing(
-                        index_elements=["user_id", "conv"]
-                    ),
-                    member_rows,
-                )
-                conv_state.update(await self._lock_convs(conn, new_convs))
+                io.insert_missing("convs", ["conv"], conv_rows)
+                io.insert_missing("members", ["user_id", "conv"], member_rows)
+                conv_state.update(_conv_map(io.lock_convs(new_convs)))
             member_keys: set[tuple[str, str]] = set()
             for c, (a, b) in send_convs.items():
                 member_keys.add((a, c))
                 member_keys.add((b, c))
             member_keys.update(mark_peer)
-            member_rows_now = await self._select_pairs(
-                conn, members, ("user_id", "conv"), _MEMBER_COL_NAMES, sorted(member_keys)
+            member_rows_now = io.pairs(
+                "members", ("user_id", "conv"), _MEMBER_COL_NAMES, sorted(member_keys)
             )
             for r in member_rows_now:
                 member_state[(r["user_id"], r["conv"])] = _Member(
@@ -698,11 +680,7 @@ class SqlStore:
 
         # 6. write.
         if pending:
-            res = await conn.execute(
-                messages.insert().returning(messages.c.mid, sort_by_parameter_order=True),
-                [p.row for p in pending],
-            )
-            mids = [int(m) for m in res.scalars().all()]
+            mids = io.insert_messages([p.row for p in pending])
             if len(mids) != len(pending):
                 raise _Unavailable("insert returned a wrong number of mids")
             msg_events: list[dict[str, Any]] = []
@@ -728,30 +706,18 @@ class SqlStore:
                     recipient_cur=prow["recipient_cur"],
                     dup=False,
                 )
-            await conn.execute(events.insert(), msg_events)
+            io.insert_events(msg_events)
         if receipt_rows:
-            await conn.execute(events.insert(), receipt_rows)
+            io.insert_events(receipt_rows)
         for i, j in dup_of.items():
             orig = cast(SendOutcome, results[j])
             results[i] = SendOutcome(orig.message, orig.sender_cur, orig.recipient_cur, dup=True)
 
         if cur_dirty:
-            await conn.execute(
-                update(users)
-                .where(users.c.user_id == bindparam("b_user"))
-                .values(last_cur=bindparam("b_cur")),
-                [{"b_user": u, "b_cur": last_cur[u]} for u in sorted(cur_dirty)],
-            )
+            io.update_user_curs([{"b_user": u, "b_cur": last_cur[u]} for u in sorted(cur_dirty)])
         dirty_convs = sorted(c for c, s in conv_state.items() if s.dirty)
         if dirty_convs:
-            await conn.execute(
-                update(convs)
-                .where(convs.c.conv == bindparam("b_conv"))
-                .values(
-                    last_seq=bindparam("b_seq"),
-                    last_ts=bindparam("b_ts"),
-                    last_mid=bindparam("b_mid"),
-                ),
+            io.update_convs(
                 [
                     {
                         "b_conv": c,
@@ -760,24 +726,11 @@ class SqlStore:
                         "b_mid": conv_state[c].last_mid,
                     }
                     for c in dirty_convs
-                ],
+                ]
             )
         dirty_members = sorted(k for k, m in member_state.items() if m.dirty)
         if dirty_members:
-            await conn.execute(
-                update(members)
-                .where(
-                    and_(
-                        members.c.user_id == bindparam("b_user"),
-                        members.c.conv == bindparam("b_conv"),
-                    )
-                )
-                .values(
-                    delivered=bindparam("b_delivered"),
-                    read=bindparam("b_read"),
-                    last_recv_seq=bindparam("b_recv"),
-                    unread=bindparam("b_unread"),
-                ),
+            io.update_members(
                 [
                     {
                         "b_user": u,
@@ -788,31 +741,11 @@ class SqlStore:
                         "b_unread": member_state[(u, c)].unread,
                     }
                     for (u, c) in dirty_members
-                ],
+                ]
             )
         recount = sorted(k for k, m in member_state.items() if m.recount)
         if recount:
-            count = (
-                select(func.count())
-                .select_from(messages)
-                .where(
-                    messages.c.conv == members.c.conv,
-                    messages.c.recipient == members.c.user_id,
-                    messages.c.seq > members.c.read,
-                )
-                .scalar_subquery()
-            )
-            await conn.execute(
-                update(members)
-                .where(
-                    and_(
-                        members.c.user_id == bindparam("b_user"),
-                        members.c.conv == bindparam("b_conv"),
-                    )
-                )
-                .values(unread=count),
-                [{"b_user": u, "b_conv": c} for (u, c) in recount],
-            )
+            io.recount_unread([{"b_user": u, "b_conv": c} for (u, c) in recount])
         return results
 
     # -------------------------------------------------------------------- reads

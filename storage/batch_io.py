@@ -1,0 +1,319 @@
+"""The statements of one group commit, behind one small interface, two implementations.
+
+`SqlStore._apply` decides *what* a batch writes (seq, cur, watermarks) once, in
+Python; a `BatchIO` says *how* its dozen statements reach the database:
+
+- `SqlAlchemyIO`: SQLAlchemy Core over a sync `Connection` (PostgreSQL, through
+  `AsyncConnection.run_sync`): row locks with SELECT ... FOR UPDATE.
+- `SqliteIO`: the stdlib `sqlite3` cursor of the SQLite writer thread. SQLite has
+  one writer at a time (BEGIN IMMEDIATE), so it needs no row locks, and plain
+  cursor calls cost a small fraction of SQLAlchemy's per-statement overhead,
+  which was most of the CPU of a message on the embedded default.
+
+Every row set in and out uses the schema's column names (storage/schema.py).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol, cast
+
+from sqlalchemy import Table, and_, bindparam, func, select, text, tuple_, update
+from sqlalchemy.dialects import postgresql as pg_dialect
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy.engine import Connection
+from sqlalchemy.sql.elements import TextClause
+
+from storage.schema import convs, events, members, messages, users
+
+__all__ = ["BatchIO", "Row", "SqlAlchemyIO", "SqliteIO"]
+
+Row = Mapping[Any, Any]
+
+_TABLES: dict[str, Table] = {t.name: t for t in (users, convs, members, messages, events)}
+_EVENT_COLS = tuple(c.name for c in events.c)
+_MESSAGE_COLS = tuple(c.name for c in messages.c if c.name != "mid")
+
+
+class BatchIO(Protocol):
+    def pairs(
+        self,
+        table: str,
+        key: tuple[str, str],
+        cols: Sequence[str],
+        pairs: Sequence[tuple[str, str]],
+    ) -> list[Row]:
+        """`cols` of the rows of `table` whose two-column `key` is in `pairs` (via its index)."""
+
+    def lock_users(self, ids: Sequence[str]) -> list[Row]:
+        """`user_id, last_cur` of the existing users among `ids` (sorted), locked for the tx."""
+
+    def lock_convs(self, keys: Sequence[str]) -> list[Row]:
+        """`conv, last_seq, last_ts, last_mid` of the existing convs among `keys`, locked."""
+
+    def insert_missing(self, table: str, key: Sequence[str], rows: Sequence[Row]) -> None:
+        """Insert `rows`, skipping those whose `key` exists (ON CONFLICT DO NOTHING)."""
+
+    def insert_messages(self, rows: Sequence[Row]) -> list[int]:
+        """Insert messages; their new `mid`s in row order."""
+
+    def insert_events(self, rows: Sequence[Row]) -> None: ...
+
+    def update_user_curs(self, rows: Sequence[Row]) -> None:
+        """rows: {b_user, b_cur}."""
+
+    def update_convs(self, rows: Sequence[Row]) -> None:
+        """rows: {b_conv, b_seq, b_ts, b_mid}."""
+
+    def update_members(self, rows: Sequence[Row]) -> None:
+        """rows: {b_user, b_conv, b_delivered, b_read, b_recv, b_unread}."""
+
+    def recount_unread(self, rows: Sequence[Row]) -> None:
+        """rows: {b_user, b_conv}: unread := messages to the user above the user's read mark."""
+
+
+def _pad(n: int) -> int:
+    """Round up to a power of two, so a handful of statement shapes serve every batch."""
+    size = 1
+    while size < n:
+        size *= 2
+    return size
+
+
+# ------------------------------------------------------------------------ SQLAlchemy
+
+
+class SqlAlchemyIO:
+    def __init__(self, conn: Connection, sqlite: bool, text_cache: dict[Any, TextClause]) -> None:
+        self._conn = conn
+        self._sqlite = sqlite
+        self._text_cache = text_cache
+
+    def _insert(self, table: Table) -> sqlite_dialect.Insert | pg_dialect.Insert:
+        return sqlite_dialect.insert(table) if self._sqlite else pg_dialect.insert(table)
+
+    def pairs(
+        self,
+        table: str,
+        key: tuple[str, str],
+        cols: Sequence[str],
+        pairs: Sequence[tuple[str, str]],
+    ) -> list[Row]:
+        # PostgreSQL: a row-value IN. SQLite scans the whole table for a multi-row
+        # row-value IN, so there it is a join with a VALUES list (padded).
+        t = _TABLES[table]
+        ka, kb = key
+        if not self._sqlite:
+            q = select(*(t.c[n] for n in cols)).where(tuple_(t.c[ka], t.c[kb]).in_(list(pairs)))
+            return list(self._conn.execute(q).mappings())
+        size = _pad(len(pairs))
+        padded = list(pairs) + [pairs[-1]] * (size - len(pairs))
+        cache_key = (table, key, tuple(cols), size)
+        stmt = self._text_cache.get(cache_key)
+        if stmt is None:
+            stmt = text(_values_join_sql(table, key, cols, size, named=True))
+            self._text_cache[cache_key] = stmt
+        params: dict[str, str] = {}
+        for i, (x, y) in enumerate(padded):
+            params[f"a{i}"] = x
+            params[f"b{i}"] = y
+        return list(self._conn.execute(stmt, params).mappings())
+
+    def lock_users(self, ids: Sequence[str]) -> list[Row]:
+        q = select(users.c.user_id, users.c.last_cur).where(users.c.user_id.in_(list(ids)))
+        q = q.order_by(users.c.user_id)
+        if not self._sqlite:
+            q = q.with_for_update()
+        return list(self._conn.execute(q).mappings())
+
+    def lock_convs(self, keys: Sequence[str]) -> list[Row]:
+        q = select(convs.c.conv, convs.c.last_seq, convs.c.last_ts, convs.c.last_mid)
+        q = q.where(convs.c.conv.in_(list(keys))).order_by(convs.c.conv)
+        if not self._sqlite:
+            q = q.with_for_update()
+        return list(self._conn.execute(q).mappings())
+
+    def insert_missing(self, table: str, key: Sequence[str], rows: Sequence[Row]) -> None:
+        stmt = self._insert(_TABLES[table]).on_conflict_do_nothing(index_elements=list(key))
+        self._conn.execute(stmt, list(rows))
+
+    def insert_messages(self, rows: Sequence[Row]) -> list[int]:
+        res = self._conn.execute(
+            messages.insert().returning(messages.c.mid, sort_by_parameter_order=True), list(rows)
+        )
+        return [int(m) for m in res.scalars().all()]
+
+    def insert_events(self, rows: Sequence[Row]) -> None:
+        self._conn.execute(events.insert(), list(rows))
+
+    def update_user_curs(self, rows: Sequence[Row]) -> None:
+        self._conn.execute(
+            update(users)
+            .where(users.c.user_id == bindparam("b_user"))
+            .values(last_cur=bindparam("b_cur")),
+            list(rows),
+        )
+
+    def update_convs(self, rows: Sequence[Row]) -> None:
+        self._conn.execute(
+            update(convs)
+            .where(convs.c.conv == bindparam("b_conv"))
+            .values(
+                last_seq=bindparam("b_seq"), last_ts=bindparam("b_ts"), last_mid=bindparam("b_mid")
+            ),
+            list(rows),
+        )
+
+    def update_members(self, rows: Sequence[Row]) -> None:
+        self._conn.execute(
+            update(members)
+            .where(
+                and_(
+                    members.c.user_id == bindparam("b_user"), members.c.conv == bindparam("b_conv")
+                )
+            )
+            .values(
+                delivered=bindparam("b_delivered"),
+                read=bindparam("b_read"),
+                last_recv_seq=bindparam("b_recv"),
+                unread=bindparam("b_unread"),
+            ),
+            list(rows),
+        )
+
+    def recount_unread(self, rows: Sequence[Row]) -> None:
+        count = (
+            select(func.count())
+            .select_from(messages)
+            .where(
+                messages.c.conv == members.c.conv,
+                messages.c.recipient == members.c.user_id,
+                messages.c.seq > members.c.read,
+            )
+            .scalar_subquery()
+        )
+        self._conn.execute(
+            update(members)
+            .where(
+                and_(
+                    members.c.user_id == bindparam("b_user"), members.c.conv == bindparam("b_conv")
+                )
+            )
+            .values(unread=count),
+            list(rows),
+        )
+
+
+def _values_join_sql(
+    table: str, key: tuple[str, str], cols: Sequence[str], size: int, *, named: bool
+) -> str:
+    ka, kb = key
+    if named:
+        values = ", ".join(f"(:a{i}, :b{i})" for i in range(size))
+    else:
+        values = ", ".join("(?, ?)" for _ in range(size))
+    select_list = ", ".join(f't."{n}"' for n in cols)
+    return (
+        f"SELECT DISTINCT {select_list} FROM (VALUES {values}) AS v "
+        f'JOIN "{table}" AS t ON t."{ka}" = v.column1 AND t."{kb}" = v.column2'
+    )
+
+
+# ------------------------------------------------------------------------ sqlite3
+
+
+class SqliteIO:
+    """Plain cursor calls on the SQLite writer's own connection (inside BEGIN IMMEDIATE)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._cur = conn.cursor()
+
+    def _rows(self, sql: str, params: Sequence[Any]) -> list[Row]:
+        self._cur.execute(sql, params)
+        names = [d[0] for d in self._cur.description]
+        return [dict(zip(names, r, strict=True)) for r in self._cur.fetchall()]
+
+    def pairs(
+        self,
+        table: str,
+        key: tuple[str, str],
+        cols: Sequence[str],
+        pairs: Sequence[tuple[str, str]],
+    ) -> list[Row]:
+        size = _pad(len(pairs))
+        flat: list[str] = []
+        for x, y in list(pairs) + [pairs[-1]] * (size - len(pairs)):
+            flat.append(x)
+            flat.append(y)
+        return self._rows(_values_join_sql(table, key, cols, size, named=False), flat)
+
+    def _in_list(self, sql: str, keys: Sequence[str]) -> list[Row]:
+        size = _pad(len(keys))
+        padded = list(keys) + [keys[-1]] * (size - len(keys))
+        return self._rows(sql.replace("(?)", "(" + ", ".join("?" * size) + ")"), padded)
+
+    def lock_users(self, ids: Sequence[str]) -> list[Row]:
+        return self._in_list(
+            "SELECT user_id, last_cur FROM users WHERE user_id IN (?) ORDER BY user_id", ids
+        )
+
+    def lock_convs(self, keys: Sequence[str]) -> list[Row]:
+        return self._in_list(
+            "SELECT conv, last_seq, last_ts, last_mid FROM convs WHERE conv IN (?) ORDER BY conv",
+            keys,
+        )
+
+    def insert_missing(self, table: str, key: Sequence[str], rows: Sequence[Row]) -> None:
+        cols = list(rows[0])
+        sql = (
+            f'INSERT INTO "{table}" ({", ".join(cols)}) '
+            f"VALUES ({', '.join(':' + c for c in cols)}) "
+            f"ON CONFLICT ({', '.join(key)}) DO NOTHING"
+        )
+        self._cur.executemany(sql, rows)
+
+    def insert_messages(self, rows: Sequence[Row]) -> list[int]:
+        sql = (
+            f"INSERT INTO messages ({', '.join(_MESSAGE_COLS)}) "
+            f"VALUES ({', '.join(':' + c for c in _MESSAGE_COLS)})"
+        )
+        mids: list[int] = []
+        for row in rows:
+            self._cur.execute(sql, row)
+            mids.append(cast(int, self._cur.lastrowid))
+        return mids
+
+    def insert_events(self, rows: Sequence[Row]) -> None:
+        self._cur.executemany(
+            f"INSERT INTO events ({', '.join(_EVENT_COLS)}) "
+            f"VALUES ({', '.join(':' + c for c in _EVENT_COLS)})",
+            rows,
+        )
+
+    def update_user_curs(self, rows: Sequence[Row]) -> None:
+        self._cur.executemany("UPDATE users SET last_cur = :b_cur WHERE user_id = :b_user", rows)
+
+    def update_convs(self, rows: Sequence[Row]) -> None:
+        self._cur.executemany(
+            "UPDATE convs SET last_seq = :b_seq, last_ts = :b_ts, last_mid = :b_mid "
+            "WHERE conv = :b_conv",
+            rows,
+        )
+
+    def update_members(self, rows: Sequence[Row]) -> None:
+        self._cur.executemany(
+            "UPDATE members SET delivered = :b_delivered, read = :b_read, "
+            "last_recv_seq = :b_recv, unread = :b_unread "
+            "WHERE user_id = :b_user AND conv = :b_conv",
+            rows,
+        )
+
+    def recount_unread(self, rows: Sequence[Row]) -> None:
+        self._cur.executemany(
+            "UPDATE members SET unread = (SELECT count(*) FROM messages "
+            "WHERE messages.conv = members.conv AND messages.recipient = members.user_id "
+            "AND messages.seq > members.read) "
+            "WHERE user_id = :b_user AND conv = :b_conv",
+            rows,
+        )
