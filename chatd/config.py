@@ -31,6 +31,7 @@ class Config:
     jwt_algorithms: tuple[str, ...] = ("HS256",)
     group_commit: bool = True
     max_batch: int = 256
+    commit_window_ms: float = 1.0
     ping_interval: float = 20.0
     ping_timeout: float = 20.0
     outbox_limit: int = 2000
@@ -94,6 +95,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("jwt_algorithms", _algs, "accepted JWT algorithms, comma separated"),
     Option("group_commit", _bool, "batch concurrent writes into one transaction"),
     Option("max_batch", int, "most writes in one group commit"),
+    Option("commit_window_ms", float, "ms a group commit waits for more writes to join it"),
     Option("ping_interval", float, "seconds between WebSocket pings"),
     Option("ping_timeout", float, "seconds to wait for a pong before closing"),
     Option("outbox_limit", int, "frames queued per connection before closing it 1013"),
@@ -155,5 +157,7 @@ def _check(cfg: Config) -> None:
     for f in fields(Limits):
         if getattr(cfg.limits, f.name) <= 0:
             raise ConfigError(f"limit {f.name} must be positive")
+    if not 0.0 <= cfg.commit_window_ms <= 100.0:
+        raise ConfigError("commit_window_ms must be between 0 and 100")
     if cfg.limits.max_body >= cfg.limits.max_frame:
         raise ConfigError("max_body must be below max_frame")

@@ -50,7 +50,12 @@ def authenticator_for(config: Config) -> Authenticator:
 def build_store(config: Config) -> Store:
     from storage.sql import SqlStore
 
-    return SqlStore(config.db_url, group_commit=config.group_commit, max_batch=config.max_batch)
+    return SqlStore(
+        config.db_url,
+        group_commit=config.group_commit,
+        max_batch=config.max_batch,
+        commit_window=config.commit_window_ms / 1000.0,
+    )
 
 
 def build_broker(config: Config) -> Broker:
