@@ -286,8 +286,10 @@ class ChatClient:
                     raise ConnectionClosed(None, None)
                 cur = getattr(frame, "cur", None)
                 if isinstance(frame, Synced):
-                    if self.cursor < frame.cur:
-                        self.cursor = frame.cur
+                    # Adopted even when lower than our `since`: the server's stream was
+                    # reset (a restore from backup); keeping the old cursor would drop
+                    # every new event up to it.
+                    self.cursor = frame.cur
                 elif (
                     isinstance(frame, Msg | Receipt | Sent)
                     and cur is not None

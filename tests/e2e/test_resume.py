@@ -135,3 +135,20 @@ async def test_chatclient_dedupes_own_message_on_replay(srv: Server, clients: Cl
     (ev,) = await collect(again, 1, Msg)
     assert ev.mid == s.mid and ev.from_ == "alice" and ev.cur == s.cur
     assert not isinstance(ev, Receipt)
+
+
+async def test_client_adopts_synced_cur_below_its_since(srv: Server, clients: Clients) -> None:
+    """A cursor ahead of the server's stream (a restored database) must not make the
+    client skip new events: it adopts synced.cur, so its next resume replays them."""
+    alice = await clients.connect(srv, "alice")
+    await alice.send("bob", "before")
+    bob = ChatClient(ws_url(srv), srv.ctx.auth.mint("bob"), since=1000)
+    clients.opened.append(bob)
+    await bob.open()
+    assert isinstance(await bob.recv(timeout=5), Synced)
+    assert bob.cursor == 1
+    await bob.close()
+    await alice.send("bob", "after")
+    await bob.open()
+    (ev,) = await collect(bob, 1, Msg)
+    assert ev.body == "after" and ev.cur == 2
