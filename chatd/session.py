@@ -23,7 +23,6 @@ import asyncio
 import logging
 import math
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -90,6 +89,26 @@ class _Closing(Exception):
 
 
 class Session:
+    __slots__ = (
+        "_bad_in_row",
+        "_close_started",
+        "_closing",
+        "_drained",
+        "_last",
+        "_outbox",
+        "_pending",
+        "_state",
+        "_tasks",
+        "_waiter",
+        "_writer",
+        "_written_own",
+        "conn_id",
+        "ctx",
+        "device",
+        "user",
+        "ws",
+    )
+
     def __init__(self, ctx: Context, ws: ServerConnection, conn_id: int) -> None:
         self.ctx = ctx
         self.ws = ws
@@ -97,18 +116,22 @@ class Session:
         self.user = ""
         self.device = ""
         self._state: UserState | None = None
-        self._outbox: deque[Item] = deque()
-        self._wake = asyncio.Event()
+        self._outbox: list[Item] = []
+        """Frames queued for the writer; it takes the whole list at a time (FIFO)."""
+        self._waiter: asyncio.Future[None] | None = None
+        """Set while the writer is idle; resolved by the next push."""
+        self._drained: asyncio.Future[None] | None = None
+        """Set while someone waits for the outbox to be written (before a close)."""
         self._last = 0
         self._pending: dict[str, asyncio.Future[bytes | None]] = {}
-        self._written_own: set[int] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._written_own: set[int] | None = None
+        """`cur`s of own `sent` replies a gap fill wrote early (rare: made on demand)."""
+        self._tasks: set[asyncio.Task[None]] | None = None
         self._writer: asyncio.Task[None] | None = None
         self._bad_in_row = 0
         self._closing = False
         """No more frames are queued: the connection is being closed."""
         self._close_started = False
-        self._idle = asyncio.Event()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -116,9 +139,11 @@ class Session:
         metrics = self.ctx.metrics
         metrics.connections.inc()
         try:
+            _forget_handshake(self.ws)
             hello = await self._await_hello()
             if hello is not None:
                 await self._serve(hello)
+                await self._read_loop()
         except _Closing as exc:
             await self._close(exc.code, exc.reason)
         except ConnectionClosed:
@@ -224,7 +249,6 @@ class Session:
         )
         self._writer = asyncio.create_task(self._write_loop(hello.since, welcome_cur))
         self._writer.add_done_callback(self._writer_done)
-        await self._read_loop()
 
     def _writer_done(self, task: asyncio.Task[None]) -> None:
         if task.cancelled():
@@ -303,6 +327,8 @@ class Session:
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        if self._tasks is None:
+            self._tasks = set()
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -490,7 +516,9 @@ class Session:
         if self._closing:
             return
         self._outbox.append(item)
-        self._wake.set()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
         if len(self._outbox) > self.ctx.config.outbox_limit:
             # It loses nothing: it resumes with `since` and reads the rest from storage.
             self._outbox.clear()
@@ -502,11 +530,14 @@ class Session:
 
     async def _drain(self) -> None:
         """Wait (5 s at most) until the outbox is written, before a deliberate close."""
+        writer = self._writer
+        if writer is None or writer.done() or (not self._outbox and self._waiter is not None):
+            return
+        if self._drained is None:
+            self._drained = asyncio.get_running_loop().create_future()
         try:
             async with asyncio.timeout(5.0):
-                while self._outbox and self._writer is not None and not self._writer.done():
-                    self._idle.clear()
-                    await self._idle.wait()
+                await asyncio.shield(self._drained)
         except TimeoutError:
             pass
 
@@ -527,37 +558,39 @@ class Session:
             after = page[-1].cur
         await send(encode_map({"t": "synced", "cur": welcome_cur}))
         self._last = welcome_cur
-        outbox = self._outbox
-        wake = self._wake
-        idle = self._idle
+        loop = asyncio.get_running_loop()
         while True:
-            if not outbox:
-                idle.set()
-                wake.clear()
-                await wake.wait()
+            if not self._outbox:
+                drained, self._drained = self._drained, None
+                if drained is not None and not drained.done():
+                    drained.set_result(None)
+                self._waiter = loop.create_future()
+                await self._waiter
+                self._waiter = None
                 continue
-            kind, cur, data, after_data, cmid = outbox.popleft()
-            if kind == _PLAIN or (kind == _LIVE and cur == 0):
+            items, self._outbox = self._outbox, []
+            for kind, cur, data, after_data, cmid in items:
+                if kind == _PLAIN or (kind == _LIVE and cur == 0):
+                    await send(data)
+                    continue
+                if kind == _OWN_SENT and cmid:
+                    self._pending.pop(cmid, None)
+                if cur <= self._last:
+                    # Already written (catch-up or gap fill). An own result still owes its reply.
+                    if kind == _OWN_SENT:
+                        if self._written_own and cur in self._written_own:
+                            self._written_own.discard(cur)
+                        else:
+                            await send(data)
+                    elif kind == _OWN_MARK and after_data is not None:
+                        await send(after_data)
+                    continue
+                if cur > self._last + 1:
+                    await self._fill(cur - 1)
                 await send(data)
-                continue
-            if kind == _OWN_SENT and cmid:
-                self._pending.pop(cmid, None)
-            if cur <= self._last:
-                # Already written (catch-up or gap fill). An own result still owes its reply.
-                if kind == _OWN_SENT:
-                    if cur in self._written_own:
-                        self._written_own.discard(cur)
-                    else:
-                        await send(data)
-                elif kind == _OWN_MARK and after_data is not None:
+                if after_data is not None:
                     await send(after_data)
-                continue
-            if cur > self._last + 1:
-                await self._fill(cur - 1)
-            await send(data)
-            if after_data is not None:
-                await send(after_data)
-            self._last = cur
+                self._last = cur
 
     async def _fill(self, upto: int) -> None:
         """Write the stored events with _last < cur <= upto (a gap in the live feed)."""
@@ -587,10 +620,25 @@ class Session:
                 except TimeoutError:
                     sent = None
                 if sent is not None:
+                    if self._written_own is None:
+                        self._written_own = set()
                     self._written_own.add(ev.cur)
                     self._pending.pop(m.cmid, None)
                     return sent
         return encode_event(ev)
+
+
+def _forget_handshake(ws: ServerConnection) -> None:
+    """Drop the upgrade's headers, which websockets keeps for the connection's lifetime.
+
+    chatd reads nothing from them after the upgrade, and they are the largest part
+    of an idle connection's memory (about 4 KiB). The request object itself stays:
+    websockets takes a non-None `request` to mean "handshake done", and its parser
+    still refers to it, so its headers are emptied in place.
+    """
+    if ws.request is not None:
+        ws.request.headers.clear()
+    ws.response = None
 
 
 def _rid(frame: Any) -> Any:
