@@ -33,9 +33,20 @@ class Metrics:
         self.gap_fills = Counter(
             "chatd_gap_fills", "Events read back from storage to fill a cursor gap", registry=r
         )
+        self._frames_in_by_type = {
+            t: self.frames_in.labels(t)
+            for t in ("hello", "send", "delivered", "read", "typing", "history", "convs", "ping")
+        }
         self.commit_seconds = Histogram(
             "chatd_send_commit_seconds",
             "Time from a send frame to its durable commit",
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
             registry=r,
         )
+
+    def frame_in(self, t: str) -> None:
+        """Count a client frame (labelled children resolved once: this runs per frame)."""
+        child = self._frames_in_by_type.get(t)
+        if child is None:
+            child = self.frames_in.labels(t)
+        child.inc()

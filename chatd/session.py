@@ -303,7 +303,7 @@ class Session:
                     await res
             return None
         self._bad_in_row = 0
-        ctx.metrics.frames_in.labels(frame.t).inc()
+        ctx.metrics.frame_in(frame.t)
         return frame
 
     async def _dispatch(self, frame: Any) -> None:
@@ -543,7 +543,6 @@ class Session:
 
     async def _write_loop(self, since: int | None, welcome_cur: int) -> None:
         store = self.ctx.store
-        send = self.ws.send
         # Catch-up: exactly the events with since < cur <= welcome_cur.
         after = 0 if since is None else since
         while after < welcome_cur:
@@ -551,12 +550,12 @@ class Session:
                 page = await store.undelivered(self.user, after, welcome_cur, _PAGE)
             else:
                 page = await store.events(self.user, after, welcome_cur, _PAGE)
-            for ev in page:
-                await send(encode_event(ev))
+            if page:
+                await self._write([encode_event(ev) for ev in page])
             if len(page) < _PAGE:
                 break
             after = page[-1].cur
-        await send(encode_map({"t": "synced", "cur": welcome_cur}))
+        await self._write([encode_map({"t": "synced", "cur": welcome_cur})])
         self._last = welcome_cur
         loop = asyncio.get_running_loop()
         while True:
@@ -569,9 +568,10 @@ class Session:
                 self._waiter = None
                 continue
             items, self._outbox = self._outbox, []
+            out: list[bytes] = []
             for kind, cur, data, after_data, cmid in items:
                 if kind == _PLAIN or (kind == _LIVE and cur == 0):
-                    await send(data)
+                    out.append(data)
                     continue
                 if kind == _OWN_SENT and cmid:
                     self._pending.pop(cmid, None)
@@ -581,21 +581,42 @@ class Session:
                         if self._written_own and cur in self._written_own:
                             self._written_own.discard(cur)
                         else:
-                            await send(data)
+                            out.append(data)
                     elif kind == _OWN_MARK and after_data is not None:
-                        await send(after_data)
+                        out.append(after_data)
                     continue
                 if cur > self._last + 1:
+                    if out:
+                        await self._write(out)
+                        out = []
                     await self._fill(cur - 1)
-                await send(data)
+                out.append(data)
                 if after_data is not None:
-                    await send(after_data)
+                    out.append(after_data)
                 self._last = cur
+            if out:
+                await self._write(out)
+
+    async def _write(self, frames: list[bytes]) -> None:
+        """Write binary frames in order with one socket write (websockets' sans-I/O layer)."""
+        ws = self.ws
+        async with ws.send_context():
+            proto = ws.protocol
+            for frame in frames:
+                proto.send_binary(frame)
+            chunks = proto.data_to_send()
+            if all(chunks):
+                ws.transport.write(b"".join(chunks))
+            else:  # an end-of-stream marker: leave the bytes to websockets' own writer
+                for chunk in chunks:
+                    if chunk:
+                        ws.transport.write(chunk)
+                    elif ws.transport.can_write_eof():
+                        ws.transport.write_eof()
 
     async def _fill(self, upto: int) -> None:
         """Write the stored events with _last < cur <= upto (a gap in the live feed)."""
         store = self.ctx.store
-        send = self.ws.send
         while self._last < upto:
             page = await store.events(self.user, self._last, upto, _PAGE)
             if not page:
@@ -604,9 +625,9 @@ class Session:
                 )
                 raise _Closing(CloseCode.INTERNAL_ERROR, "stream gap")
             self.ctx.metrics.gap_fills.inc(len(page))
-            for ev in page:
-                await send(await self._own_or_event(ev))
-                self._last = ev.cur
+            frames = [await self._own_or_event(ev) for ev in page]
+            await self._write(frames)
+            self._last = page[-1].cur
 
     async def _own_or_event(self, ev: Event) -> bytes:
         """The frame for a stored event: this connection's own `sent` if it is waiting."""
