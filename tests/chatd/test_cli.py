@@ -1,0 +1,49 @@
+"""The command line: `chatd token`, `chatd migrate`, and refusing bad configuration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from chatd.auth import Authenticator
+from chatd.cli import main
+from storage.migrate import current_revision, head_revision
+
+
+def test_token_uses_the_generated_secret_beside_the_database(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CHATD_JWT_SECRET", raising=False)
+    db = f"sqlite:///{tmp_path}/chat.db"
+    assert main(["token", "alice", "--db", db, "--ttl", "60"]) == 0
+    token = capsys.readouterr().out.strip()
+    secret_file = tmp_path / "chat.db.secret"
+    assert secret_file.stat().st_mode & 0o777 == 0o600
+    # `chatd serve` on the same database reads the same file, so it accepts this token.
+    assert Authenticator(secret_file.read_text().strip()).verify(token) == "alice"
+
+
+def test_token_refuses_an_invalid_user_id(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["token", "not a user", "--jwt-secret", "s" * 32]) == 2
+    assert "user ids" in capsys.readouterr().err
+
+
+def test_migrate_applies_every_migration(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = f"sqlite:///{tmp_path}/m.db"
+    assert main(["migrate", "--db", db]) == 0
+    assert "migrations applied" in capsys.readouterr().out
+    assert current_revision(db) == head_revision()
+    assert main(["migrate", "--db", db]) == 0  # a second run is a no-op
+
+
+def test_bad_configuration_exits_2_with_a_message(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CHATD_BROKER", "zeromq")
+    assert main(["serve"]) == 2
+    assert "zeromq" in capsys.readouterr().err
