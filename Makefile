@@ -36,7 +36,7 @@ bench: $(VENV)/.test-deps
 	$(BIN)/python -m loadtest bench --out reports/bench
 
 server-bench: $(VENV)/.test-deps
-	$(BIN)/python -m loadtest server-bench --out reports/server-bench
+	$(BIN)/python -m loadtest server-bench --out reports/server-bench --duration 15 --idle 2000 --rounds 2
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
