@@ -569,50 +569,53 @@ class Session:
                 continue
             items, self._outbox = self._outbox, []
             out: list[bytes] = []
-            for kind, cur, data, after_data, cmid in items:
-                if kind == _PLAIN or (kind == _LIVE and cur == 0):
-                    out.append(data)
-                    continue
-                if kind == _OWN_SENT and cmid:
-                    self._pending.pop(cmid, None)
-                if cur <= self._last:
-                    # Already written (catch-up or gap fill). An own result still owes its reply.
-                    if kind == _OWN_SENT:
-                        if self._written_own and cur in self._written_own:
-                            self._written_own.discard(cur)
-                        else:
-                            out.append(data)
-                    elif kind == _OWN_MARK and after_data is not None:
-                        out.append(after_data)
-                    continue
-                if cur > self._last + 1:
+            for item in items:
+                frames = self._frames_for(item)
+                if frames is None:
                     if out:
                         await self._write(out)
                         out = []
-                    await self._fill(cur - 1)
-                out.append(data)
-                if after_data is not None:
-                    out.append(after_data)
-                self._last = cur
+                    await self._fill(item[1] - 1)
+                    frames = self._frames_for(item)
+                    assert frames is not None
+                out.extend(frames)
             if out:
                 await self._write(out)
 
+    def _frames_for(self, item: Item) -> list[bytes] | None:
+        """The frames `item` puts on the wire now, in order, moving `_last` on;
+        None when events below it are missing (the writer fills the gap first)."""
+        kind, cur, data, after_data, cmid = item
+        if kind == _PLAIN or (kind == _LIVE and cur == 0):
+            return [data]
+        if cur > self._last + 1:
+            return None
+        if kind == _OWN_SENT and cmid:
+            self._pending.pop(cmid, None)
+        if cur <= self._last:
+            # Already written (catch-up or gap fill). An own result still owes its reply.
+            if kind == _OWN_SENT:
+                if self._written_own and cur in self._written_own:
+                    self._written_own.discard(cur)
+                    return []
+                return [data]
+            if kind == _OWN_MARK and after_data is not None:
+                return [after_data]
+            return []
+        self._last = cur
+        return [data] if after_data is None else [data, after_data]
+
     async def _write(self, frames: list[bytes]) -> None:
-        """Write binary frames in order with one socket write (websockets' sans-I/O layer)."""
+        """Write binary frames in order with one socket write (websockets' sans-I/O layer).
+
+        `send_context()` checks the connection is open before and waits for the socket's
+        buffer to drain after; nothing awaits in between, so no close can slip in."""
         ws = self.ws
         async with ws.send_context():
             proto = ws.protocol
             for frame in frames:
                 proto.send_binary(frame)
-            chunks = proto.data_to_send()
-            if all(chunks):
-                ws.transport.write(b"".join(chunks))
-            else:  # an end-of-stream marker: leave the bytes to websockets' own writer
-                for chunk in chunks:
-                    if chunk:
-                        ws.transport.write(chunk)
-                    elif ws.transport.can_write_eof():
-                        ws.transport.write_eof()
+            ws.transport.write(b"".join(proto.data_to_send()))
 
     async def _fill(self, upto: int) -> None:
         """Write the stored events with _last < cur <= upto (a gap in the live feed)."""
