@@ -38,6 +38,11 @@ class Hub:
         self._broker = broker
         self._limits = limits
         self._users: dict[str, UserState] = {}
+        self._resting: dict[str, tuple[float, UserState]] = {}
+        """Users whose last connection closed, with when: their rate limits are kept
+        until the buckets would have refilled, so reconnecting does not reset them."""
+        self._rest_for = max(limits.send_burst / limits.send_rate, 1.0)
+        """Seconds until an unused send bucket is full (typing's refills within 1 s)."""
 
     def deliver(self, user: str, event: LiveEvent) -> None:
         """Broker callback: hand the event to every local session of the user."""
@@ -51,6 +56,11 @@ class Hub:
         state = self._users.get(user)
         if state is None:
             now = time.monotonic()
+            resting = self._resting.pop(user, None)
+            if resting is not None:
+                state = resting[1]
+                self._users[user] = state
+                return state
             lim = self._limits
             state = UserState(
                 sends=TokenBucket(lim.send_rate, lim.send_burst, now),
@@ -77,7 +87,19 @@ class Hub:
         state.sessions.discard(session)
         if not state.sessions:
             del self._users[session.user]
+            now = time.monotonic()
+            self._prune(now)
+            self._resting[session.user] = (now, state)
             await self._broker.unsubscribe(session.user)
+
+    def _prune(self, now: float) -> None:
+        """Forget resting users whose buckets are full again (oldest first: insertion order)."""
+        horizon = now - self._rest_for
+        while self._resting:
+            user, (since, _state) = next(iter(self._resting.items()))
+            if since > horizon:
+                break
+            del self._resting[user]
 
     def session_count(self) -> int:
         return sum(len(s.sessions) for s in self._users.values())

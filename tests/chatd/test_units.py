@@ -209,3 +209,30 @@ def test_auth_refuses(make: Callable[[], str]) -> None:
 def test_auth_never_allows_alg_none_in_config() -> None:
     with pytest.raises(ConfigError):
         Authenticator(SECRET, algorithms=("HS256", "none"))
+
+
+async def test_hub_keeps_a_users_rate_limits_across_reconnects(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Closing the last connection must not refill the send bucket; only time does."""
+    clock = [1000.0]
+    monkeypatch.setattr("chatd.hub.time.monotonic", lambda: clock[0])
+    hub = Hub(LocalBroker(), Limits(send_burst=2, send_rate=1.0))
+    first = _FakeSession("alice")
+    state = await hub.attach(first)  # type: ignore[arg-type]
+    assert state.sends.take(clock[0]) == 0.0
+    assert state.sends.take(clock[0]) == 0.0
+    await hub.detach(first)  # type: ignore[arg-type]
+    again = await hub.attach(_FakeSession("alice"))  # type: ignore[arg-type]
+    assert again.sends.take(clock[0]) > 0.0  # still empty: reconnecting reset nothing
+    await hub.detach(_FakeSession("alice"))  # type: ignore[arg-type]  # not attached: no-op
+    for s in list(again.sessions):
+        await hub.detach(s)
+    # Once the bucket would be full anyway, the resting state is forgotten (bounded memory).
+    clock[0] += 10.0
+    await hub.attach(_FakeSession("bob"))  # type: ignore[arg-type]
+    for s in list(hub.sessions()):
+        await hub.detach(s)
+    assert "alice" not in hub._resting
+    fresh = await hub.attach(_FakeSession("alice"))  # type: ignore[arg-type]
+    assert fresh is not again and fresh.sends.take(clock[0]) == 0.0
