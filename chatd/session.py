@@ -665,10 +665,6 @@ def _forget_handshake(ws: ServerConnection) -> None:
     ws.response = None
 
 
-def _rid(frame: Any) -> Any:
-    return getattr(frame, "id", None)
-
-
 def _error(code: ErrorCode, msg: str, rid: Any = None, retry_ms: int | None = None) -> bytes:
     out: dict[str, Any] = {"t": "error", "code": str(code), "msg": msg}
     if rid is not None:

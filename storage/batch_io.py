@@ -3,8 +3,8 @@
 `SqlStore._apply` decides *what* a batch writes (seq, cur, watermarks) once, in
 Python; a `BatchIO` says *how* its dozen statements reach the database:
 
-- `SqlAlchemyIO`: SQLAlchemy Core over a sync `Connection` (PostgreSQL, through
-  `AsyncConnection.run_sync`): row locks with SELECT ... FOR UPDATE.
+- `PostgresIO`: SQLAlchemy Core over a sync `Connection` (through
+  `AsyncConnection.run_sync` on asyncpg): row locks with SELECT ... FOR UPDATE.
 - `SqliteIO`: the stdlib `sqlite3` cursor of the SQLite writer thread. SQLite has
   one writer at a time (BEGIN IMMEDIATE), so it needs no row locks, and plain
   cursor calls cost a small fraction of SQLAlchemy's per-statement overhead,
@@ -19,15 +19,13 @@ import sqlite3
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, cast
 
-from sqlalchemy import Table, and_, bindparam, func, select, text, tuple_, update
+from sqlalchemy import Table, and_, bindparam, func, select, tuple_, update
 from sqlalchemy.dialects import postgresql as pg_dialect
-from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Connection
-from sqlalchemy.sql.elements import TextClause
 
 from storage.schema import convs, events, members, messages, users
 
-__all__ = ["BatchIO", "Row", "SqlAlchemyIO", "SqliteIO"]
+__all__ = ["BatchIO", "PostgresIO", "Row", "SqliteIO"]
 
 Row = Mapping[Any, Any]
 
@@ -84,14 +82,11 @@ def _pad(n: int) -> int:
 # ------------------------------------------------------------------------ SQLAlchemy
 
 
-class SqlAlchemyIO:
-    def __init__(self, conn: Connection, sqlite: bool, text_cache: dict[Any, TextClause]) -> None:
-        self._conn = conn
-        self._sqlite = sqlite
-        self._text_cache = text_cache
+class PostgresIO:
+    """SQLAlchemy Core on PostgreSQL: counters locked with SELECT ... FOR UPDATE."""
 
-    def _insert(self, table: Table) -> sqlite_dialect.Insert | pg_dialect.Insert:
-        return sqlite_dialect.insert(table) if self._sqlite else pg_dialect.insert(table)
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
 
     def pairs(
         self,
@@ -100,42 +95,23 @@ class SqlAlchemyIO:
         cols: Sequence[str],
         pairs: Sequence[tuple[str, str]],
     ) -> list[Row]:
-        # PostgreSQL: a row-value IN. SQLite scans the whole table for a multi-row
-        # row-value IN, so there it is a join with a VALUES list (padded).
         t = _TABLES[table]
         ka, kb = key
-        if not self._sqlite:
-            q = select(*(t.c[n] for n in cols)).where(tuple_(t.c[ka], t.c[kb]).in_(list(pairs)))
-            return list(self._conn.execute(q).mappings())
-        size = _pad(len(pairs))
-        padded = list(pairs) + [pairs[-1]] * (size - len(pairs))
-        cache_key = (table, key, tuple(cols), size)
-        stmt = self._text_cache.get(cache_key)
-        if stmt is None:
-            stmt = text(_values_join_sql(table, key, cols, size, named=True))
-            self._text_cache[cache_key] = stmt
-        params: dict[str, str] = {}
-        for i, (x, y) in enumerate(padded):
-            params[f"a{i}"] = x
-            params[f"b{i}"] = y
-        return list(self._conn.execute(stmt, params).mappings())
+        q = select(*(t.c[n] for n in cols)).where(tuple_(t.c[ka], t.c[kb]).in_(list(pairs)))
+        return list(self._conn.execute(q).mappings())
 
     def lock_users(self, ids: Sequence[str]) -> list[Row]:
         q = select(users.c.user_id, users.c.last_cur).where(users.c.user_id.in_(list(ids)))
-        q = q.order_by(users.c.user_id)
-        if not self._sqlite:
-            q = q.with_for_update()
+        q = q.order_by(users.c.user_id).with_for_update()
         return list(self._conn.execute(q).mappings())
 
     def lock_convs(self, keys: Sequence[str]) -> list[Row]:
         q = select(convs.c.conv, convs.c.last_seq, convs.c.last_ts, convs.c.last_mid)
-        q = q.where(convs.c.conv.in_(list(keys))).order_by(convs.c.conv)
-        if not self._sqlite:
-            q = q.with_for_update()
+        q = q.where(convs.c.conv.in_(list(keys))).order_by(convs.c.conv).with_for_update()
         return list(self._conn.execute(q).mappings())
 
     def insert_missing(self, table: str, key: Sequence[str], rows: Sequence[Row]) -> None:
-        stmt = self._insert(_TABLES[table]).on_conflict_do_nothing(index_elements=list(key))
+        stmt = pg_dialect.insert(_TABLES[table]).on_conflict_do_nothing(index_elements=list(key))
         self._conn.execute(stmt, list(rows))
 
     def insert_messages(self, rows: Sequence[Row]) -> list[int]:
@@ -205,14 +181,11 @@ class SqlAlchemyIO:
         )
 
 
-def _values_join_sql(
-    table: str, key: tuple[str, str], cols: Sequence[str], size: int, *, named: bool
-) -> str:
+def _values_join_sql(table: str, key: tuple[str, str], cols: Sequence[str], size: int) -> str:
+    """SQLite scans a whole table for a multi-row row-value IN; a join with a VALUES
+    list (of `size` pairs) uses the index on `key`."""
     ka, kb = key
-    if named:
-        values = ", ".join(f"(:a{i}, :b{i})" for i in range(size))
-    else:
-        values = ", ".join("(?, ?)" for _ in range(size))
+    values = ", ".join("(?, ?)" for _ in range(size))
     select_list = ", ".join(f't."{n}"' for n in cols)
     return (
         f"SELECT DISTINCT {select_list} FROM (VALUES {values}) AS v "
@@ -246,7 +219,7 @@ class SqliteIO:
         for x, y in list(pairs) + [pairs[-1]] * (size - len(pairs)):
             flat.append(x)
             flat.append(y)
-        return self._rows(_values_join_sql(table, key, cols, size, named=False), flat)
+        return self._rows(_values_join_sql(table, key, cols, size), flat)
 
     def _in_list(self, sql: str, keys: Sequence[str]) -> list[Row]:
         size = _pad(len(keys))

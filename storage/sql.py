@@ -44,7 +44,6 @@ from typing import Any, Literal, cast
 from sqlalchemy import (
     ColumnElement,
     Select,
-    TextClause,
     and_,
     event,
     literal_column,
@@ -69,7 +68,7 @@ from storage.base import (
     UptoTooHigh,
     conv_id,
 )
-from storage.batch_io import BatchIO, SqlAlchemyIO, SqliteIO
+from storage.batch_io import BatchIO, PostgresIO, SqliteIO
 from storage.errors import RETRYABLE_SQLSTATES, is_driver_error, sqlstate
 from storage.schema import convs, events, members, messages, users
 from storage.urls import normalize_url, sqlite_path
@@ -105,9 +104,9 @@ def _conv_map(rows: Sequence[Mapping[str, Any]]) -> dict[str, _Conv]:
     }
 
 
-def _sqlite_session_setup(engine: Engine, begin_sql: str) -> None:
-    """WAL, synchronous=FULL (an acknowledged message survives power loss), busy timeout,
-    foreign keys; transactions opened with `begin_sql` (the writer: BEGIN IMMEDIATE)."""
+def _sqlite_reader_setup(engine: Engine) -> None:
+    """The readers' pragmas (see `_sqlite_pragmas`); their transactions opened with a
+    plain BEGIN (writes go through the writer thread's own connection)."""
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: ConnectionPoolEntry) -> None:
@@ -116,7 +115,7 @@ def _sqlite_session_setup(engine: Engine, begin_sql: str) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql(begin_sql)
+        conn.exec_driver_sql("BEGIN")
 
 
 # --------------------------------------------------------------------------- ops
@@ -268,7 +267,6 @@ class SqlStore:
         self._sqlite_exec: ThreadPoolExecutor | None = None
         self._queue: asyncio.Queue[_Op | None] = asyncio.Queue()
         self._writer_task: asyncio.Task[None] | None = None
-        self._pair_sql: dict[tuple[object, ...], TextClause] = {}
         self._closing = False
         #: Counters for metrics / tests: batches committed, ops in them.
         self.batches = 0
@@ -280,7 +278,7 @@ class SqlStore:
         size = 1 if writer else max(1, self.pool_size)
         if self._sqlite:
             engine = create_async_engine(self.url, pool_size=size, max_overflow=0)
-            _sqlite_session_setup(engine.sync_engine, "BEGIN IMMEDIATE" if writer else "BEGIN")
+            _sqlite_reader_setup(engine.sync_engine)
             return engine
         return create_async_engine(
             self.url,
@@ -452,9 +450,7 @@ class SqlStore:
         if engine is None:
             raise StorageUnavailable("store is not open")
         async with engine.connect() as conn, conn.begin():
-            return await conn.run_sync(
-                lambda sync_conn: self._apply(SqlAlchemyIO(sync_conn, False, self._pair_sql), batch)
-            )
+            return await conn.run_sync(lambda sync_conn: self._apply(PostgresIO(sync_conn), batch))
 
     def _commit_batch_sync(self, batch: Sequence[_Op]) -> list[object]:
         """Runs on the SQLite writer thread (the only user of `_sqlite_conn`)."""
