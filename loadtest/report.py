@@ -257,16 +257,16 @@ def write_charts(rep: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
     ax.plot(t, series["offered"], label="offered (scheduled sends)")
     ax.plot(t, series["acked"], label="acknowledged (sent)")
     ax.plot(t, series["delivered"], label="delivered (msg)")
-    ax.set_xlabel("seconds")
-    ax.set_ylabel("messages / s")
-    ax.set_title(f"{rep['name']}: throughput")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    p = out_dir / f"{stem}-throughput.png"
-    fig.tight_layout()
-    fig.savefig(p, dpi=100)
-    plt.close(fig)
-    paths.append(p)
+    paths.append(
+        _save(
+            plt,
+            fig,
+            ax,
+            "messages / s",
+            f"{rep['name']}: throughput",
+            out_dir / f"{stem}-throughput.png",
+        )
+    )
 
     fig, ax = plt.subplots(figsize=(9, 4))
     for key, label in (
@@ -279,17 +279,30 @@ def write_charts(rep: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
         if ys:
             ax.plot(t[: len(ys)], [y if y is not None else float("nan") for y in ys], label=label)
     ax.set_yscale("log")
+    paths.append(
+        _save(
+            plt,
+            fig,
+            ax,
+            "latency (ms) from the scheduled time",
+            f"{rep['name']}: latency",
+            out_dir / f"{stem}-latency.png",
+        )
+    )
+    return paths
+
+
+def _save(plt: Any, fig: Any, ax: Any, ylabel: str, title: str, path: Path) -> Path:
+    """Label a time-series chart (x: seconds), write it as PNG and free it."""
     ax.set_xlabel("seconds")
-    ax.set_ylabel("latency (ms) from the scheduled time")
-    ax.set_title(f"{rep['name']}: latency")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend()
     ax.grid(alpha=0.3)
-    p = out_dir / f"{stem}-latency.png"
     fig.tight_layout()
-    fig.savefig(p, dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
-    paths.append(p)
-    return paths
+    return path
 
 
 def write_report(
