@@ -16,7 +16,7 @@ Every row set in and out uses the schema's column names (storage/schema.py).
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, cast
 
 from sqlalchemy import Table, and_, bindparam, func, select, tuple_, update
@@ -25,7 +25,7 @@ from sqlalchemy.engine import Connection
 
 from storage.schema import convs, events, members, messages, users
 
-__all__ = ["BatchIO", "PostgresIO", "Row", "SqliteIO"]
+__all__ = ["BatchIO", "PostgresIO", "Row", "SqliteCache", "SqliteIO"]
 
 Row = Mapping[Any, Any]
 
@@ -196,18 +196,148 @@ def _values_join_sql(table: str, key: tuple[str, str], cols: Sequence[str], size
 # ------------------------------------------------------------------------ sqlite3
 
 
-class SqliteIO:
-    """Plain cursor calls on the SQLite writer's own connection (inside BEGIN IMMEDIATE)."""
+class SqliteCache:
+    """The counters of the SQLite writer (users, convs, members rows), kept between batches.
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    SQLite has one writer, so the rows a batch reads were written by the previous
+    batches of this same connection: the writer keeps them here and skips the
+    SELECTs. Only the writer thread touches it. Reads and writes of a batch go to
+    an overlay that `commit` merges after COMMIT and `rollback` drops, so the
+    cache never holds an uncommitted row. Another connection's commit (a second
+    process on the file, a test, an operator's `sqlite3`) moves `PRAGMA
+    data_version`, and the next batch starts from an empty cache. Each table keeps
+    at most `max_rows` rows; a full one starts over.
+    """
+
+    __slots__ = ("_overlay", "_stale", "_tables", "data_version", "max_rows")
+
+    def __init__(self, max_rows: int = 100_000) -> None:
+        self.max_rows = max_rows
+        self.data_version: int | None = None
+        self._tables: dict[str, dict[Any, dict[str, Any]]] = {
+            "users": {},
+            "convs": {},
+            "members": {},
+        }
+        self._overlay: dict[str, dict[Any, dict[str, Any]]] = {t: {} for t in self._tables}
+        self._stale: list[tuple[str, Any]] = []
+
+    def begin(self, data_version: int) -> None:
+        """Start a batch; `data_version` as read inside its transaction."""
+        if data_version != self.data_version:
+            self.clear()
+            self.data_version = data_version
+        for o in self._overlay.values():
+            o.clear()
+        self._stale.clear()
+
+    def get(self, table: str, key: Any) -> dict[str, Any] | None:
+        row = self._overlay[table].get(key)
+        if row is None:
+            row = self._tables[table].get(key)
+        return row
+
+    def put(self, table: str, key: Any, row: dict[str, Any]) -> None:
+        """A row as this batch read or wrote it."""
+        self._overlay[table][key] = row
+
+    def update(self, table: str, key: Any, **values: Any) -> None:
+        """Change a row this batch read (a copy: the committed one stays until `commit`)."""
+        row = self.get(table, key)
+        if row is not None:
+            row = dict(row)
+            row.update(values)
+            self._overlay[table][key] = row
+
+    def forget(self, table: str, key: Any) -> None:
+        """A row this batch changed in SQL: read it again next time."""
+        self._overlay[table].pop(key, None)
+        self._stale.append((table, key))
+
+    def commit(self) -> None:
+        for name, overlay in self._overlay.items():
+            if overlay:
+                table = self._tables[name]
+                if len(table) + len(overlay) > self.max_rows:
+                    table.clear()
+                table.update(overlay)
+                overlay.clear()
+        for name, key in self._stale:
+            self._tables[name].pop(key, None)
+        self._stale.clear()
+
+    def rollback(self) -> None:
+        for o in self._overlay.values():
+            o.clear()
+        self._stale.clear()
+
+    def clear(self) -> None:
+        for t in self._tables.values():
+            t.clear()
+        self.rollback()
+
+
+_MEMBER_COLS = tuple(c.name for c in members.c)
+_KEYS: dict[str, tuple[str, ...]] = {
+    "users": ("user_id",),
+    "convs": ("conv",),
+    "members": ("user_id", "conv"),
+}
+
+
+class SqliteIO:
+    """Plain cursor calls on the SQLite writer's own connection (inside BEGIN IMMEDIATE).
+
+    With a `SqliteCache`, the users / convs / members rows come from it when it
+    has them; only the missing ones are read."""
+
+    def __init__(self, conn: sqlite3.Connection, cache: SqliteCache | None = None) -> None:
         self._cur = conn.cursor()
+        self._cache = cache
 
     def _rows(self, sql: str, params: Sequence[Any]) -> list[Row]:
         self._cur.execute(sql, params)
         names = [d[0] for d in self._cur.description]
         return [dict(zip(names, r, strict=True)) for r in self._cur.fetchall()]
 
+    def _cached(
+        self, table: str, keys: Sequence[Any], load: Callable[[Sequence[Any]], list[Row]]
+    ) -> list[Row]:
+        """The rows of `keys`: the cached ones, and `load(missing)` (then cached) for the rest."""
+        cache = self._cache
+        if cache is None:
+            return load(keys)
+        out: list[Row] = []
+        missing: list[Any] = []
+        for k in keys:
+            hit = cache.get(table, k)
+            if hit is None:
+                missing.append(k)
+            else:
+                out.append(hit)
+        if missing:
+            key_cols = _KEYS[table]
+            for row in load(missing):
+                key = row[key_cols[0]] if len(key_cols) == 1 else tuple(row[c] for c in key_cols)
+                cache.put(table, key, dict(row))
+                out.append(row)
+        return out
+
     def pairs(
+        self,
+        table: str,
+        key: tuple[str, str],
+        cols: Sequence[str],
+        pairs: Sequence[tuple[str, str]],
+    ) -> list[Row]:
+        if table == "members" and self._cache is not None:
+            # Whole rows (a superset of `cols`), so that the cache can answer any columns.
+            return self._cached(
+                "members", pairs, lambda miss: self._pairs(table, key, _MEMBER_COLS, miss)
+            )
+        return self._pairs(table, key, cols, pairs)
+
+    def _pairs(
         self,
         table: str,
         key: tuple[str, str],
@@ -227,14 +357,23 @@ class SqliteIO:
         return self._rows(sql.replace("(?)", "(" + ", ".join("?" * size) + ")"), padded)
 
     def lock_users(self, ids: Sequence[str]) -> list[Row]:
-        return self._in_list(
-            "SELECT user_id, last_cur FROM users WHERE user_id IN (?) ORDER BY user_id", ids
+        return self._cached(
+            "users",
+            ids,
+            lambda miss: self._in_list(
+                "SELECT user_id, last_cur FROM users WHERE user_id IN (?) ORDER BY user_id", miss
+            ),
         )
 
     def lock_convs(self, keys: Sequence[str]) -> list[Row]:
-        return self._in_list(
-            "SELECT conv, last_seq, last_ts, last_mid FROM convs WHERE conv IN (?) ORDER BY conv",
+        return self._cached(
+            "convs",
             keys,
+            lambda miss: self._in_list(
+                "SELECT conv, last_seq, last_ts, last_mid FROM convs WHERE conv IN (?) "
+                "ORDER BY conv",
+                miss,
+            ),
         )
 
     def insert_missing(self, table: str, key: Sequence[str], rows: Sequence[Row]) -> None:
@@ -266,6 +405,9 @@ class SqliteIO:
 
     def update_user_curs(self, rows: Sequence[Row]) -> None:
         self._cur.executemany("UPDATE users SET last_cur = :b_cur WHERE user_id = :b_user", rows)
+        if self._cache is not None:
+            for r in rows:
+                self._cache.update("users", r["b_user"], last_cur=r["b_cur"])
 
     def update_convs(self, rows: Sequence[Row]) -> None:
         self._cur.executemany(
@@ -273,6 +415,15 @@ class SqliteIO:
             "WHERE conv = :b_conv",
             rows,
         )
+        if self._cache is not None:
+            for r in rows:
+                self._cache.update(
+                    "convs",
+                    r["b_conv"],
+                    last_seq=r["b_seq"],
+                    last_ts=r["b_ts"],
+                    last_mid=r["b_mid"],
+                )
 
     def update_members(self, rows: Sequence[Row]) -> None:
         self._cur.executemany(
@@ -281,6 +432,16 @@ class SqliteIO:
             "WHERE user_id = :b_user AND conv = :b_conv",
             rows,
         )
+        if self._cache is not None:
+            for r in rows:
+                self._cache.update(
+                    "members",
+                    (r["b_user"], r["b_conv"]),
+                    delivered=r["b_delivered"],
+                    read=r["b_read"],
+                    last_recv_seq=r["b_recv"],
+                    unread=r["b_unread"],
+                )
 
     def recount_unread(self, rows: Sequence[Row]) -> None:
         self._cur.executemany(
@@ -290,3 +451,6 @@ class SqliteIO:
             "WHERE user_id = :b_user AND conv = :b_conv",
             rows,
         )
+        if self._cache is not None:
+            for r in rows:
+                self._cache.forget("members", (r["b_user"], r["b_conv"]))

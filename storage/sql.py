@@ -23,6 +23,11 @@ not grow with its size (executemany for the rows):
    updates of the counters, watermarks and unread counts (an unread count is
    recounted with one correlated COUNT per member whose read mark moved).
 
+On SQLite the writer keeps the users / convs / members rows it read or wrote
+between batches (`batch_io.SqliteCache`): steps 1, 2 and 4 read only the rows
+it does not hold yet. It is dropped when another connection has committed
+(`PRAGMA data_version`) and after any failed batch.
+
 A validation failure of one op (NotAMember, UptoTooHigh) is decided in step 5
 and fails only that op. A failed transaction fails every op of the batch with
 StorageUnavailable (nothing was stored) and the writer goes on with the next
@@ -68,7 +73,7 @@ from storage.base import (
     UptoTooHigh,
     conv_id,
 )
-from storage.batch_io import BatchIO, PostgresIO, SqliteIO
+from storage.batch_io import BatchIO, PostgresIO, SqliteCache, SqliteIO
 from storage.errors import RETRYABLE_SQLSTATES, is_driver_error, sqlstate
 from storage.schema import convs, events, members, messages, users
 from storage.urls import normalize_url, sqlite_path
@@ -265,6 +270,8 @@ class SqlStore:
         self._sqlite_conn: sqlite3.Connection | None = None
         """The SQLite writer's connection: used only on the `_sqlite_exec` thread."""
         self._sqlite_exec: ThreadPoolExecutor | None = None
+        self._sqlite_cache = SqliteCache()
+        """The writer's users / convs / members rows between batches (writer thread only)."""
         self._queue: asyncio.Queue[_Op | None] = asyncio.Queue()
         self._writer_task: asyncio.Task[None] | None = None
         self._closing = False
@@ -462,18 +469,23 @@ class SqlStore:
                 path, isolation_level=None, check_same_thread=False
             )
             _sqlite_pragmas(conn)
+        cache = self._sqlite_cache
         conn.execute("BEGIN IMMEDIATE")
         try:
-            results = self._apply(SqliteIO(conn), batch)
+            cache.begin(conn.execute("PRAGMA data_version").fetchone()[0])
+            results = self._apply(SqliteIO(conn, cache), batch)
             conn.execute("COMMIT")
         except BaseException:
+            cache.clear()  # whatever the failure: read every row again
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
             raise
+        cache.commit()
         return results
 
     def _close_sqlite_conn(self) -> None:
         conn, self._sqlite_conn = self._sqlite_conn, None
+        self._sqlite_cache.clear()
         if conn is not None:
             conn.close()
 

@@ -6,7 +6,10 @@ Tests synchronise on awaits (futures of committed writes), never on sleeps.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections import defaultdict
+from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -19,6 +22,7 @@ from storage.base import (
     UptoTooHigh,
     conv_id,
 )
+from storage.batch_io import SqliteIO
 from storage.migrate import current_revision_async, head_revision, upgrade_async
 from storage.sql import SqlStore
 from storage.urls import normalize_url, sqlite_path
@@ -104,8 +108,10 @@ async def test_concurrent_sends_no_gaps(store: SqlStore) -> None:
             last[e.message.conv] = e.message.seq
 
 
-async def test_two_stores_on_one_postgres(pg_url: str) -> None:
-    s1, s2 = SqlStore(pg_url, max_batch=16), SqlStore(pg_url, max_batch=16)
+async def test_two_stores_on_one_database(store_url: str) -> None:
+    """Two writers on one database (PostgreSQL: two nodes; SQLite: the SQLite writer's
+    cached counters must notice the other's commits)."""
+    s1, s2 = SqlStore(store_url, max_batch=16), SqlStore(store_url, max_batch=16)
     await s1.open()
     await s2.open()
     try:
@@ -424,6 +430,63 @@ async def test_data_survives_reopen(store_url: str) -> None:
         assert nxt.message.seq == 2 and nxt.sender_cur == 3 and nxt.message.mid > first.message.mid
         page = await s.history("alice", "bob", None, 10)
         assert (page.delivered, page.read) == (1, 1)
+    finally:
+        await s.close()
+
+
+async def test_two_stores_taking_turns(store_url: str) -> None:
+    """Each store sees the other's commits (the SQLite writer's cached counters too)."""
+    s1, s2 = SqlStore(store_url), SqlStore(store_url)
+    await s1.open()
+    await s2.open()
+    try:
+        for i in range(6):
+            st = (s1, s2)[i % 2]
+            out = await send(st, "alice", "bob", f"t{i}")
+            # alice: her message and bob's receipt; bob: that message, his receipt, his send
+            assert (out.message.seq, out.sender_cur, out.recipient_cur) == (
+                i + 1,
+                2 * i + 1,
+                3 * i + 1,
+            )
+            mark = await st.mark("bob", out.message.conv, "delivered", i + 1, TS)
+            assert mark.receipt is not None
+            assert (mark.marker_cur, mark.peer_cur) == (3 * i + 2, 2 * i + 2)
+            await send(s2 if st is s1 else s1, "bob", "carol", f"x{i}")
+        assert_contiguous([e.cur for e in await all_events(s1, "bob")])
+    finally:
+        await s1.close()
+        await s2.close()
+
+
+async def test_sqlite_writer_cache_holds_only_committed_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SQLite writer keeps counters between batches: a failed batch leaves nothing
+    of its own in that cache, and a cache smaller than the data starts over correctly."""
+    url = normalize_url(str(tmp_path / "cache.db"))
+    await upgrade_async(url)
+    s = SqlStore(url)
+    s._sqlite_cache.max_rows = 3
+    await s.open()
+    try:
+        for i in range(5):  # more users and conversations than the cache holds
+            await send(s, f"u{i}", "hub", f"a{i}")
+        real = SqliteIO.update_members
+
+        def failing(self: SqliteIO, rows: Any) -> None:  # after the counters were written
+            raise sqlite3.OperationalError("disk I/O error")
+
+        monkeypatch.setattr(SqliteIO, "update_members", failing)
+        with pytest.raises(StorageUnavailable):
+            await send(s, "u0", "hub", "lost")  # counters moved in memory, then rolled back
+        monkeypatch.setattr(SqliteIO, "update_members", real)
+        out = await send(s, "u0", "hub", "kept")
+        assert (out.message.seq, out.sender_cur, out.recipient_cur) == (2, 2, 6)
+        mark = await s.mark("hub", out.message.conv, "read", 2, TS)
+        assert mark.marker_cur == 7 and mark.peer_cur == 3
+        assert_contiguous([e.cur for e in await all_events(s, "hub")])
+        assert [c.unread for c in await s.convs("hub", 10) if c.peer == "u0"] == [0]
     finally:
         await s.close()
 
