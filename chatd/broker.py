@@ -40,7 +40,11 @@ class Broker(Protocol):
     async def unsubscribe(self, user: str) -> None:
         """Stop receiving them (idempotent)."""
 
-    async def publish(self, events: Sequence[tuple[str, LiveEvent]]) -> None:
-        """Hand each (user, event) to every node subscribed to that user, in order."""
+    def publish(self, events: Sequence[tuple[str, LiveEvent]]) -> None:
+        """Hand each (user, event) to every node subscribed to that user, in order.
+
+        Returns at once and never raises (it runs in the done-callback of a
+        write): a broker that must do I/O queues the events for its own task,
+        and one that cannot deliver them drops them (see the module docstring)."""
 
     async def close(self) -> None: ...

@@ -25,7 +25,7 @@ class LocalBroker:
     async def unsubscribe(self, user: str) -> None:
         self._users.discard(user)
 
-    async def publish(self, events: Sequence[tuple[str, LiveEvent]]) -> None:
+    def publish(self, events: Sequence[tuple[str, LiveEvent]]) -> None:
         deliver = self._deliver
         if deliver is None:
             return

@@ -47,7 +47,9 @@ from protocol import (
 )
 from storage.base import (
     Event,
+    MarkOutcome,
     NotAMember,
+    SendOutcome,
     StorageError,
     StorageUnavailable,
     UptoTooHigh,
@@ -126,7 +128,8 @@ class Session:
         self._pending: dict[str, asyncio.Future[bytes | None]] = {}
         self._written_own: set[int] | None = None
         """`cur`s of own `sent` replies a gap fill wrote early (rare: made on demand)."""
-        self._tasks: set[asyncio.Task[None]] | None = None
+        self._tasks: set[asyncio.Future[Any]] | None = None
+        """Tasks and store writes in flight (a write's done-callback removes it)."""
         self._writer: asyncio.Task[None] | None = None
         self._bad_in_row = 0
         self._closing = False
@@ -308,11 +311,17 @@ class Session:
 
     async def _dispatch(self, frame: Any) -> None:
         if isinstance(frame, Send):
-            self._spawn(self._guard(frame.id, self._on_send(frame)))
+            try:
+                self._start_send(frame)
+            except Exception as exc:
+                self._fail(frame.id, exc)
         elif isinstance(frame, Mark):
-            self._spawn(self._guard(frame.id, self._on_mark(frame)))
+            try:
+                self._start_mark(frame)
+            except Exception as exc:
+                self._fail(frame.id, exc)
         elif isinstance(frame, Typing):
-            await self._on_typing(frame)
+            self._on_typing(frame)
         elif isinstance(frame, HistoryRequest):
             await self._guard(frame.id, self._on_history(frame))
         elif isinstance(frame, ConvsRequest):
@@ -332,74 +341,117 @@ class Session:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _track(self, fut: asyncio.Future[Any]) -> None:
+        """Count a store write in flight until its done-callback calls `_untrack`."""
+        if self._tasks is None:
+            self._tasks = set()
+        self._tasks.add(fut)
+
+    def _untrack(self, fut: asyncio.Future[Any]) -> None:
+        if self._tasks is not None:
+            self._tasks.discard(fut)
+
     async def _guard(self, rid: Any, coro: Awaitable[None]) -> None:
         """Run a request; map what it raises to exactly one error frame."""
         try:
             await coro
-        except FrameError as exc:
+        except Exception as exc:
+            self._fail(rid, exc)
+
+    def _fail(self, rid: Any, exc: BaseException) -> None:
+        """Answer the request `rid` that raised `exc` with exactly one error frame."""
+        if isinstance(exc, FrameError):
             self._reply(_error(exc.code, exc.msg, rid, exc.retry_ms))
-        except StorageUnavailable:
+        elif isinstance(exc, StorageUnavailable):
             log.warning("conn %d: storage unavailable", self.conn_id)
             self._reply(_error(ErrorCode.UNAVAILABLE, "storage unavailable; retry later", rid))
-        except ConnectionClosed:
+        elif isinstance(exc, ConnectionClosed):
             pass
-        except Exception:
-            log.exception("conn %d: request failed", self.conn_id)
+        else:
+            log.error("conn %d: request failed", self.conn_id, exc_info=exc)
             self._reply(_error(ErrorCode.INTERNAL, "internal error", rid))
 
     # ------------------------------------------------------------------ requests
 
-    async def _on_send(self, f: Send) -> None:
+    def _start_send(self, f: Send) -> None:
+        """Queue a send in the store; `_send_done` answers it (no task per message)."""
         ctx = self.ctx
         if f.to == self.user:
             raise FrameError(ErrorCode.BAD_REQUEST, "cannot send to yourself")
         assert self._state is not None
         wait = self._state.sends.take(time.monotonic())
         if wait > 0.0:
-            prior = await ctx.store.find_sent(self.user, f.cmid)
-            if prior is None:
-                raise FrameError(
-                    ErrorCode.RATE_LIMITED,
-                    "too many messages; retry later",
-                    retry_ms=max(1, math.ceil(wait * 1000)),
-                )
-            ctx.metrics.duplicates.inc()
-            self._reply(_sent(f.id, prior.message, prior.sender_cur, dup=True))
+            self._spawn(self._guard(f.id, self._send_limited(f, wait)))
             return
-        fut: asyncio.Future[bytes | None] | None = None
+        pend: asyncio.Future[bytes | None] | None = None
         if f.cmid not in self._pending:
-            fut = asyncio.get_running_loop().create_future()
-            self._pending[f.cmid] = fut
-        started = time.perf_counter()
+            pend = asyncio.get_running_loop().create_future()
+            self._pending[f.cmid] = pend
         try:
-            out = await ctx.store.send(self.user, f.to, f.cmid, f.body, f.type, now_ms())
+            fut = ctx.store.send_soon(self.user, f.to, f.cmid, f.body, f.type, now_ms())
         except BaseException:
-            if fut is not None:
-                self._unpend(f.cmid, fut, None)
+            if pend is not None:
+                self._unpend(f.cmid, pend, None)
             raise
-        ctx.metrics.commit_seconds.observe(time.perf_counter() - started)
-        m = out.message
-        if out.dup:
-            self._state.sends.refund()  # a duplicate stores nothing: it costs no rate
-            ctx.metrics.duplicates.inc()
-            if fut is not None:
-                self._unpend(f.cmid, fut, None)
-            self._reply(_sent(f.id, m, out.sender_cur, dup=True))
-            return
-        ctx.metrics.messages.inc()
-        sent = _sent(f.id, m, out.sender_cur, dup=False)
-        if fut is not None and not fut.done():
-            fut.set_result(sent)
-        self._push((_OWN_SENT, out.sender_cur, sent, None, f.cmid if fut is not None else ""))
-        mine = msg_map(m, out.sender_cur)
-        theirs = dict(mine)
-        theirs["cur"] = out.recipient_cur
-        await self._publish(
-            [
-                (self.user, LiveEvent(out.sender_cur, encode_map(mine))),
-                (m.recipient, LiveEvent(out.recipient_cur, encode_map(theirs))),
-            ]
-        )
+        self._track(fut)
+        started = time.perf_counter()
+        fut.add_done_callback(lambda done: self._send_done(f, pend, started, done))
+
+    async def _send_limited(self, f: Send, wait: float) -> None:
+        """Over the send rate: a retry of a stored message still gets its `sent`."""
+        prior = await self.ctx.store.find_sent(self.user, f.cmid)
+        if prior is None:
+            raise FrameError(
+                ErrorCode.RATE_LIMITED,
+                "too many messages; retry later",
+                retry_ms=max(1, math.ceil(wait * 1000)),
+            )
+        self.ctx.metrics.duplicates.inc()
+        self._reply(_sent(f.id, prior.message, prior.sender_cur, dup=True))
+
+    def _send_done(
+        self,
+        f: Send,
+        pend: asyncio.Future[bytes | None] | None,
+        started: float,
+        fut: asyncio.Future[SendOutcome],
+    ) -> None:
+        self._untrack(fut)
+        ctx = self.ctx
+        try:
+            exc = fut.exception() if not fut.cancelled() else StorageUnavailable("cancelled")
+            if exc is not None:
+                if pend is not None:
+                    self._unpend(f.cmid, pend, None)
+                self._fail(f.id, exc)
+                return
+            out = fut.result()
+            ctx.metrics.commit_seconds.observe(time.perf_counter() - started)
+            m = out.message
+            if out.dup:
+                assert self._state is not None
+                self._state.sends.refund()  # a duplicate stores nothing: it costs no rate
+                ctx.metrics.duplicates.inc()
+                if pend is not None:
+                    self._unpend(f.cmid, pend, None)
+                self._reply(_sent(f.id, m, out.sender_cur, dup=True))
+                return
+            ctx.metrics.messages.inc()
+            sent = _sent(f.id, m, out.sender_cur, dup=False)
+            if pend is not None and not pend.done():
+                pend.set_result(sent)
+            self._push((_OWN_SENT, out.sender_cur, sent, None, f.cmid if pend is not None else ""))
+            mine = msg_map(m, out.sender_cur)
+            theirs = dict(mine)
+            theirs["cur"] = out.recipient_cur
+            self._publish(
+                [
+                    (self.user, LiveEvent(out.sender_cur, encode_map(mine))),
+                    (m.recipient, LiveEvent(out.recipient_cur, encode_map(theirs))),
+                ]
+            )
+        except Exception as exc:
+            self._fail(f.id, exc)
 
     def _unpend(self, cmid: str, fut: asyncio.Future[bytes | None], value: bytes | None) -> None:
         if not fut.done():
@@ -407,35 +459,47 @@ class Session:
         if self._pending.get(cmid) is fut:
             del self._pending[cmid]
 
-    async def _on_mark(self, f: Mark) -> None:
-        ctx = self.ctx
+    def _start_mark(self, f: Mark) -> None:
+        """Queue a mark in the store; `_mark_done` answers it."""
         if type(f.conv) is not str:
             raise FrameError(ErrorCode.BAD_REQUEST, "not a conversation of yours")
-        try:
-            out = await ctx.store.mark(self.user, f.conv, f.kind, f.upto, now_ms())
-        except NotAMember:
-            raise FrameError(ErrorCode.BAD_REQUEST, "not a conversation of yours") from None
-        except UptoTooHigh:
-            raise FrameError(
-                ErrorCode.BAD_REQUEST, "'upto' is above the conversation's last seq"
-            ) from None
-        ok = encode_map({"t": "ok", "id": f.id}) if f.id is not None else None
-        r = out.receipt
-        if r is None:
-            if ok is not None:
-                self._reply(ok)
-            return
-        ctx.metrics.receipts.labels(r.kind).inc()
-        mine = encode_map(receipt_map(r, out.marker_cur))
-        self._push((_OWN_MARK, out.marker_cur, mine, ok, ""))
-        await self._publish(
-            [
-                (self.user, LiveEvent(out.marker_cur, mine)),
-                (out.peer, LiveEvent(out.peer_cur, encode_map(receipt_map(r, out.peer_cur)))),
-            ]
-        )
+        fut = self.ctx.store.mark_soon(self.user, f.conv, f.kind, f.upto, now_ms())
+        self._track(fut)
+        fut.add_done_callback(lambda done: self._mark_done(f, done))
 
-    async def _on_typing(self, f: Typing) -> None:
+    def _mark_done(self, f: Mark, fut: asyncio.Future[MarkOutcome]) -> None:
+        self._untrack(fut)
+        try:
+            exc = fut.exception() if not fut.cancelled() else StorageUnavailable("cancelled")
+            if isinstance(exc, NotAMember):
+                exc = FrameError(ErrorCode.BAD_REQUEST, "not a conversation of yours")
+            elif isinstance(exc, UptoTooHigh):
+                exc = FrameError(
+                    ErrorCode.BAD_REQUEST, "'upto' is above the conversation's last seq"
+                )
+            if exc is not None:
+                self._fail(f.id, exc)
+                return
+            out = fut.result()
+            ok = encode_map({"t": "ok", "id": f.id}) if f.id is not None else None
+            r = out.receipt
+            if r is None:
+                if ok is not None:
+                    self._reply(ok)
+                return
+            self.ctx.metrics.receipts.labels(r.kind).inc()
+            mine = encode_map(receipt_map(r, out.marker_cur))
+            self._push((_OWN_MARK, out.marker_cur, mine, ok, ""))
+            self._publish(
+                [
+                    (self.user, LiveEvent(out.marker_cur, mine)),
+                    (out.peer, LiveEvent(out.peer_cur, encode_map(receipt_map(r, out.peer_cur)))),
+                ]
+            )
+        except Exception as exc:
+            self._fail(f.id, exc)
+
+    def _on_typing(self, f: Typing) -> None:
         if f.to == self.user:
             raise FrameError(ErrorCode.BAD_REQUEST, "cannot type to yourself", f.id)
         assert self._state is not None
@@ -450,7 +514,7 @@ class Session:
                 )
             return
         data = encode_map({"t": "typing", "from": self.user, "on": f.on})
-        await self._publish([(f.to, LiveEvent(0, data))])
+        self._publish([(f.to, LiveEvent(0, data))])
         if f.id is not None:
             self._reply(encode_map({"t": "ok", "id": f.id}))
 
@@ -496,9 +560,9 @@ class Session:
         ]
         self._reply(encode_map({"t": "convs", "id": f.id, "convs": convs}))
 
-    async def _publish(self, events: list[tuple[str, LiveEvent]]) -> None:
+    def _publish(self, events: list[tuple[str, LiveEvent]]) -> None:
         try:
-            await self.ctx.broker.publish(events)
+            self.ctx.broker.publish(events)
         except Exception:
             # Stored already: receivers find it by gap fill or on their next connect.
             log.warning("conn %d: publish failed; receivers will catch up", self.conn_id)

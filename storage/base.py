@@ -17,6 +17,7 @@ Vocabulary
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -180,6 +181,18 @@ class Store(Protocol):
         `read` receipt event in each of the two streams. Unread counts drop
         accordingly. Shares the group commit with `send`.
         """
+
+    def send_soon(
+        self, sender: str, recipient: str, cmid: str, body: str | bytes, type: str, ts: int
+    ) -> asyncio.Future[SendOutcome]:
+        """`send` as a future: the write is queued at once (or StorageUnavailable raised);
+        the future ends as `send` would return or raise. For callers that would rather
+        add a done-callback than run a task per message (the server's hot path)."""
+
+    def mark_soon(
+        self, user: str, conv: str, kind: MarkKind, upto: int, ts: int
+    ) -> asyncio.Future[MarkOutcome]:
+        """`mark` as a future, like `send_soon`."""
 
     async def find_sent(self, sender: str, cmid: str) -> SendOutcome | None:
         """The stored message of (sender, cmid) as a dup outcome, or None."""

@@ -369,20 +369,32 @@ class SqlStore:
         `sender != recipient` is the caller's job. If the caller is cancelled
         while waiting, the message may still be stored (a retry is a dup).
         """
+        return await self.send_soon(sender, recipient, cmid, body, type, ts)
+
+    def send_soon(
+        self, sender: str, recipient: str, cmid: str, body: str | bytes, type: str, ts: int
+    ) -> asyncio.Future[SendOutcome]:
+        """`send` as a future (queued at once; see `Store.send_soon`)."""
         fut: asyncio.Future[SendOutcome] = asyncio.get_running_loop().create_future()
         self._submit(_SendOp(sender, recipient, cmid, body, type, ts, fut))
-        return await fut
+        return fut
 
     async def mark(self, user: str, conv: str, kind: MarkKind, upto: int, ts: int) -> MarkOutcome:
         """Move `user`'s watermark of `kind` in `conv` forward, durably (see `Store.mark`).
 
         NotAMember also covers a conversation that does not exist (yet).
         """
+        return await self.mark_soon(user, conv, kind, upto, ts)
+
+    def mark_soon(
+        self, user: str, conv: str, kind: MarkKind, upto: int, ts: int
+    ) -> asyncio.Future[MarkOutcome]:
+        """`mark` as a future (queued at once; see `Store.send_soon`)."""
         if kind not in ("delivered", "read"):
             raise ValueError(f"bad mark kind: {kind!r}")
         fut: asyncio.Future[MarkOutcome] = asyncio.get_running_loop().create_future()
         self._submit(_MarkOp(user, conv, kind, upto, ts, fut))
-        return await fut
+        return fut
 
     async def _writer(self) -> None:
         queue = self._queue

@@ -38,7 +38,7 @@ async def test_broker_delivers_in_order_to_subscribed_users_only(broker: Broker)
     await broker.start(lambda user, ev: got.append((user, ev)))
     await broker.subscribe("alice")
     events = [("alice", LiveEvent(i, b"a%d" % i)) for i in range(1, 6)]
-    await broker.publish([*events, ("bob", LiveEvent(1, b"b1"))])
+    broker.publish([*events, ("bob", LiveEvent(1, b"b1"))])
     assert got == events
     await broker.close()
 
@@ -50,7 +50,7 @@ async def test_broker_unsubscribe_stops_delivery_and_is_idempotent(broker: Broke
     await broker.subscribe("alice")
     await broker.unsubscribe("alice")
     await broker.unsubscribe("alice")
-    await broker.publish([("alice", LiveEvent(1, b"x"))])
+    broker.publish([("alice", LiveEvent(1, b"x"))])
     assert got == []
     await broker.close()
 
@@ -78,11 +78,11 @@ async def test_hub_routes_to_every_session_of_the_user_and_enforces_the_limit() 
         await hub.attach(a3)  # type: ignore[arg-type]
     await hub.attach(b)  # type: ignore[arg-type]
     ev = LiveEvent(7, b"frame")
-    await broker.publish([("alice", ev)])
+    broker.publish([("alice", ev)])
     assert a1.got == [ev] and a2.got == [ev] and b.got == [] and a3.got == []
     await hub.detach(a1)  # type: ignore[arg-type]
     await hub.detach(a2)  # type: ignore[arg-type]
-    await broker.publish([("alice", LiveEvent(8, b"later"))])
+    broker.publish([("alice", LiveEvent(8, b"later"))])
     assert a1.got == [ev]
     assert hub.session_count() == 1
 

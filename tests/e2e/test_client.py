@@ -6,6 +6,7 @@ import asyncio
 
 from chatd.server import Server
 from protocol import Msg
+from storage.base import StorageUnavailable
 
 from .conftest import Clients
 from .helpers import collect, wait_close_code
@@ -29,24 +30,30 @@ async def test_concurrent_send_retries_share_one_reconnect(srv: Server, clients:
 async def test_send_retry_after_unavailable_stores_once(srv: Server, clients: Clients) -> None:
     """`unavailable` is retried with the same cmid; a retry of a stored one is a dup."""
     alice = await clients.connect(srv, "alice")
-    real_send = srv.store.send
+    real_send = srv.store.send_soon
     calls = 0
 
-    async def flaky(*args: object, **kw: object) -> object:
+    def flaky(*args: object, **kw: object) -> asyncio.Future[object]:
+        """The first write commits, but its outcome is reported as unknown."""
         nonlocal calls
         calls += 1
-        out = await real_send(*args, **kw)  # type: ignore[arg-type]
-        if calls == 1:
-            from storage.base import StorageUnavailable
+        first = calls == 1
+        out: asyncio.Future[object] = asyncio.get_running_loop().create_future()
 
-            raise StorageUnavailable("commit outcome unknown")
+        def done(stored: asyncio.Future[object]) -> None:
+            if first:
+                out.set_exception(StorageUnavailable("commit outcome unknown"))
+            else:
+                out.set_result(stored.result())
+
+        real_send(*args, **kw).add_done_callback(done)  # type: ignore[arg-type]
         return out
 
-    srv.store.send = flaky  # type: ignore[method-assign,assignment]
+    srv.store.send_soon = flaky  # type: ignore[method-assign,assignment]
     try:
         s = await alice.send("bob", "once", cmid="k1")
     finally:
-        srv.store.send = real_send  # type: ignore[method-assign]
+        srv.store.send_soon = real_send  # type: ignore[method-assign]
     assert calls == 2 and s.dup is True and s.seq == 1
     assert len((await alice.history("bob")).msgs) == 1
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import jwt
@@ -308,8 +309,13 @@ async def test_storage_unavailable_nothing_stored_connection_usable(
     async def broken(*args: object, **kw: object) -> object:
         raise StorageUnavailable("database down")
 
+    def failed_write(*args: object, **kw: object) -> asyncio.Future[object]:
+        fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        fut.set_exception(StorageUnavailable("database down"))  # a failed transaction
+        return fut
+
     with monkeypatch.context() as m:
-        m.setattr(srv.store, "send", broken)
+        m.setattr(srv.store, "send_soon", failed_write)
         err = await raw.request({"t": "send", "id": 1, "to": "bob", "cmid": "c", "body": "x"})
         assert err_code(err) == "unavailable" and err["id"] == 1
         assert "database down" not in err["msg"]
@@ -329,11 +335,11 @@ async def test_internal_error(
 ) -> None:
     raw = await clients.raw_hello(srv, "alice")
 
-    async def boom(*args: object, **kw: object) -> object:
+    def boom(*args: object, **kw: object) -> object:
         raise RuntimeError("secret internals")
 
-    monkeypatch.setattr(srv.store, "send", boom)
-    monkeypatch.setattr(srv.store, "mark", boom)
+    monkeypatch.setattr(srv.store, "send_soon", boom)
+    monkeypatch.setattr(srv.store, "mark_soon", boom)
     err = await raw.request({"t": "send", "id": 1, "to": "bob", "cmid": "c", "body": "x"})
     assert err_code(err) == "internal" and "secret" not in err["msg"]
     err = await raw.request({"t": "read", "id": 2, "conv": "abc", "upto": 1})
