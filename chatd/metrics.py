@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 __all__ = ["Metrics"]
 
@@ -44,9 +48,29 @@ class Metrics:
             registry=r,
         )
 
+    def watch_store(self, batches: Callable[[], tuple[int, int]]) -> None:
+        """Export the store's group-commit counters: `batches()` -> (transactions, ops)."""
+        self.registry.register(_StoreCollector(batches))
+
     def frame_in(self, t: str) -> None:
         """Count a client frame (labelled children resolved once: this runs per frame)."""
         child = self._frames_in_by_type.get(t)
         if child is None:
             child = self.frames_in.labels(t)
         child.inc()
+
+
+class _StoreCollector(Collector):
+    """Read at scrape time: the store counts its batches itself (on its writer)."""
+
+    def __init__(self, batches: Callable[[], tuple[int, int]]) -> None:
+        self._batches = batches
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        txs, ops = self._batches()
+        yield CounterMetricFamily(
+            "chatd_storage_batches", "Group-commit transactions committed", value=txs
+        )
+        yield CounterMetricFamily(
+            "chatd_storage_batched_ops", "Writes (sends and marks) in those transactions", value=ops
+        )

@@ -15,9 +15,10 @@ Every row set in and out uses the schema's column names (storage/schema.py).
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 from sqlalchemy import Table, and_, bindparam, func, select, tuple_, update
 from sqlalchemy.dialects import postgresql as pg_dialect
@@ -181,6 +182,17 @@ class PostgresIO:
         )
 
 
+_MAX_CHUNK = 64
+"""Rows per multi-row statement at most (64 x 12 columns stays under SQLite's oldest
+limit of 999 variables)."""
+
+
+@functools.lru_cache(maxsize=64)
+def _chunk_sql(template: str, cols: tuple[str, ...], size: int) -> str:
+    row = "(" + ", ".join("?" * len(cols)) + ")"
+    return template.format(cols=", ".join(cols), values=", ".join([row] * size))
+
+
 def _values_join_sql(table: str, key: tuple[str, str], cols: Sequence[str], size: int) -> str:
     """SQLite scans a whole table for a multi-row row-value IN; a join with a VALUES
     list (of `size` pairs) uses the index on `key`."""
@@ -209,7 +221,7 @@ class SqliteCache:
     at most `max_rows` rows; a full one starts over.
     """
 
-    __slots__ = ("_overlay", "_stale", "_tables", "data_version", "max_rows")
+    __slots__ = ("_mid", "_mid_next", "_overlay", "_stale", "_tables", "data_version", "max_rows")
 
     def __init__(self, max_rows: int = 100_000) -> None:
         self.max_rows = max_rows
@@ -221,15 +233,24 @@ class SqliteCache:
         }
         self._overlay: dict[str, dict[Any, dict[str, Any]]] = {t: {} for t in self._tables}
         self._stale: list[tuple[str, Any]] = []
+        self._mid: int | None = None
+        """The next message id (committed), when known."""
+        self._mid_next: int | None = None
 
     def begin(self, data_version: int) -> None:
         """Start a batch; `data_version` as read inside its transaction."""
         if data_version != self.data_version:
             self.clear()
             self.data_version = data_version
-        for o in self._overlay.values():
-            o.clear()
-        self._stale.clear()
+        self.rollback()
+
+    def mid(self) -> int | None:
+        """The next message id, when known."""
+        return self._mid_next if self._mid_next is not None else self._mid
+
+    def next_mid(self, mid: int) -> None:
+        """This batch used the ids below `mid`."""
+        self._mid_next = mid
 
     def get(self, table: str, key: Any) -> dict[str, Any] | None:
         row = self._overlay[table].get(key)
@@ -265,15 +286,20 @@ class SqliteCache:
         for name, key in self._stale:
             self._tables[name].pop(key, None)
         self._stale.clear()
+        if self._mid_next is not None:
+            self._mid = self._mid_next
+            self._mid_next = None
 
     def rollback(self) -> None:
         for o in self._overlay.values():
             o.clear()
         self._stale.clear()
+        self._mid_next = None
 
     def clear(self) -> None:
         for t in self._tables.values():
             t.clear()
+        self._mid = None
         self.rollback()
 
 
@@ -386,33 +412,44 @@ class SqliteIO:
         self._cur.executemany(sql, rows)
 
     def insert_messages(self, rows: Sequence[Row]) -> list[int]:
-        sql = (
-            f"INSERT INTO messages ({', '.join(_MESSAGE_COLS)}) "
-            f"VALUES ({', '.join(':' + c for c in _MESSAGE_COLS)})"
+        # One writer: the next mids are known, so one multi-row INSERT needs no RETURNING.
+        first = self._next_mid()
+        mids = list(range(first, first + len(rows)))
+        self._write_rows(
+            "INSERT INTO messages ({cols}) VALUES {values}",
+            ("mid", *_MESSAGE_COLS),
+            [{**row, "mid": mid} for row, mid in zip(rows, mids, strict=True)],
         )
-        mids: list[int] = []
-        for row in rows:
-            self._cur.execute(sql, row)
-            mids.append(cast(int, self._cur.lastrowid))
+        if self._cache is not None:
+            self._cache.next_mid(first + len(rows))
         return mids
 
+    def _next_mid(self) -> int:
+        known = self._cache.mid() if self._cache is not None else None
+        if known is not None:
+            return known
+        self._cur.execute("SELECT coalesce(max(mid), 0) + 1 FROM messages")
+        return int(self._cur.fetchone()[0])
+
     def insert_events(self, rows: Sequence[Row]) -> None:
-        self._cur.executemany(
-            f"INSERT INTO events ({', '.join(_EVENT_COLS)}) "
-            f"VALUES ({', '.join(':' + c for c in _EVENT_COLS)})",
-            rows,
-        )
+        self._write_rows("INSERT INTO events ({cols}) VALUES {values}", _EVENT_COLS, rows)
 
     def update_user_curs(self, rows: Sequence[Row]) -> None:
-        self._cur.executemany("UPDATE users SET last_cur = :b_cur WHERE user_id = :b_user", rows)
+        self._write_rows(
+            "UPDATE users SET last_cur = v.column2 FROM (VALUES {values}) AS v "
+            "WHERE users.user_id = v.column1",
+            ("b_user", "b_cur"),
+            rows,
+        )
         if self._cache is not None:
             for r in rows:
                 self._cache.update("users", r["b_user"], last_cur=r["b_cur"])
 
     def update_convs(self, rows: Sequence[Row]) -> None:
-        self._cur.executemany(
-            "UPDATE convs SET last_seq = :b_seq, last_ts = :b_ts, last_mid = :b_mid "
-            "WHERE conv = :b_conv",
+        self._write_rows(
+            "UPDATE convs SET last_seq = v.column2, last_ts = v.column3, last_mid = v.column4 "
+            "FROM (VALUES {values}) AS v WHERE convs.conv = v.column1",
+            ("b_conv", "b_seq", "b_ts", "b_mid"),
             rows,
         )
         if self._cache is not None:
@@ -426,10 +463,11 @@ class SqliteIO:
                 )
 
     def update_members(self, rows: Sequence[Row]) -> None:
-        self._cur.executemany(
-            "UPDATE members SET delivered = :b_delivered, read = :b_read, "
-            "last_recv_seq = :b_recv, unread = :b_unread "
-            "WHERE user_id = :b_user AND conv = :b_conv",
+        self._write_rows(
+            "UPDATE members SET delivered = v.column3, read = v.column4, "
+            "last_recv_seq = v.column5, unread = v.column6 FROM (VALUES {values}) AS v "
+            "WHERE members.user_id = v.column1 AND members.conv = v.column2",
+            ("b_user", "b_conv", "b_delivered", "b_read", "b_recv", "b_unread"),
             rows,
         )
         if self._cache is not None:
@@ -442,6 +480,20 @@ class SqliteIO:
                     last_recv_seq=r["b_recv"],
                     unread=r["b_unread"],
                 )
+
+    def _write_rows(self, template: str, cols: Sequence[str], rows: Sequence[Row]) -> None:
+        """Many rows in a few statements: `template` with `{cols}` and `{values}`, run once
+        per power-of-two chunk of rows. The sqlite3 module lets the GIL go and takes it
+        back for every statement step, and the event loop's thread wants it at the same
+        time: one statement per chunk instead of one step per row is most of the saving."""
+        start = 0
+        n = len(rows)
+        while start < n:
+            size = min(_MAX_CHUNK, 1 << ((n - start).bit_length() - 1))
+            sql = _chunk_sql(template, tuple(cols), size)
+            params = [r[c] for r in rows[start : start + size] for c in cols]
+            self._cur.execute(sql, params)
+            start += size
 
     def recount_unread(self, rows: Sequence[Row]) -> None:
         self._cur.executemany(

@@ -83,6 +83,7 @@ __all__ = ["SqlStore"]
 log = logging.getLogger("chatd.storage")
 
 _RETRIES = 5
+_SQLITE_MIN = (3, 33, 0)
 _SQLITE_BUSY_TIMEOUT_MS = 10_000
 _PING_TIMEOUT_S = 5.0
 _PG_CONNECT_TIMEOUT_S = 10.0
@@ -302,6 +303,11 @@ class SqlStore:
         """
         if self._writer_task is not None:
             return
+        if self._sqlite and sqlite3.sqlite_version_info < _SQLITE_MIN:
+            raise StorageUnavailable(
+                f"chatd needs SQLite {'.'.join(map(str, _SQLITE_MIN))} or newer "
+                f"(UPDATE ... FROM); this Python has {sqlite3.sqlite_version}"
+            )
         self._reader = self._make_engine(writer=False)
         if self._sqlite:
             self._sqlite_exec = ThreadPoolExecutor(1, thread_name_prefix="chatd-sqlite-writer")
