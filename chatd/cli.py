@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -57,6 +58,21 @@ def _install_loop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
+def tune_gc(young: int) -> None:
+    """Fewer, cheaper garbage collections for a long-running server.
+
+    A frame allocates a few short-lived objects, so CPython's default (a young
+    pass every 700 allocations, and every few seconds a full pass over every
+    connection's objects) stops the event loop often under load. Measured at
+    2,000 msg/s (loadtest/README.md): p99 send -> msg fell from 90-150 ms to
+    30-34 ms with a young pass every 20,000. Startup's objects (modules, schema,
+    config) are frozen out of every pass.
+    """
+    gc.freeze()
+    if young > 0:
+        gc.set_threshold(young, 50, 100)
+
+
 async def _serve(config: Config) -> None:
     server = Server(config)
     loop = asyncio.get_running_loop()
@@ -64,6 +80,7 @@ async def _serve(config: Config) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await server.start()
+    tune_gc(config.gc_young)
     print(f"chatd listening on ws://{config.host}:{server.port}/ws", flush=True)
     try:
         await stop.wait()

@@ -39,6 +39,8 @@ class Config:
     compression: bool = False
     migrate: bool = True
     shutdown_timeout: float = 10.0
+    gc_young: int = 20_000
+    """Allocations between young garbage collections (0: CPython's default of 700)."""
     log_level: str = "INFO"
     limits: Limits = field(default_factory=Limits)
 
@@ -102,6 +104,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("compression", _bool, "offer permessage-deflate"),
     Option("migrate", _bool, "apply pending migrations at start"),
     Option("shutdown_timeout", float, "seconds to drain connections on shutdown"),
+    Option("gc_young", int, "allocations between young GC passes (0: Python's 700)"),
     Option("log_level", str, "DEBUG, INFO, WARNING or ERROR"),
     Option("limits.max_frame", int, "largest frame in bytes (above: close 1009)"),
     Option("limits.max_body", int, "largest message body in bytes"),
@@ -157,6 +160,8 @@ def _check(cfg: Config) -> None:
     for f in fields(Limits):
         if getattr(cfg.limits, f.name) <= 0:
             raise ConfigError(f"limit {f.name} must be positive")
+    if cfg.gc_young < 0:
+        raise ConfigError("gc_young must be 0 or more")
     if not 0.0 <= cfg.commit_window_ms <= 100.0:
         raise ConfigError("commit_window_ms must be between 0 and 100")
     if cfg.limits.max_body >= cfg.limits.max_frame:

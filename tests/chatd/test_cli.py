@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import pytest
 
 from chatd.auth import Authenticator
-from chatd.cli import main
+from chatd.cli import main, tune_gc
 from storage.migrate import current_revision, head_revision
 
 
@@ -47,3 +48,16 @@ def test_bad_configuration_exits_2_with_a_message(
     monkeypatch.setenv("CHATD_BROKER", "zeromq")
     assert main(["serve"]) == 2
     assert "zeromq" in capsys.readouterr().err
+
+
+def test_tune_gc_sets_the_young_threshold_and_freezes_startup() -> None:
+    before = gc.get_threshold()
+    try:
+        tune_gc(20_000)
+        assert gc.get_threshold() == (20_000, 50, 100)
+        assert gc.get_freeze_count() > 0
+        tune_gc(0)  # 0 keeps the thresholds as they are
+        assert gc.get_threshold() == (20_000, 50, 100)
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)

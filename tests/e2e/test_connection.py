@@ -128,7 +128,8 @@ async def test_bad_input_never_touches_other_connections(srv: Server, clients: C
 
 
 async def test_health_endpoints(srv: Server, clients: Clients) -> None:
-    await clients.connect(srv, "alice")
+    alice = await clients.connect(srv, "alice")
+    await alice.send("bob", "counted")
     assert await http_get(srv.port, "/healthz") == (200, "ok\n")
     status, body = await http_get(srv.port, "/readyz")
     assert status == 200
@@ -136,6 +137,9 @@ async def test_health_endpoints(srv: Server, clients: Clients) -> None:
     assert status == 200
     assert "chatd_connections 1.0" in body
     assert "chatd_sessions" in body
+    assert "chatd_messages_stored_total 1.0" in body
+    assert "chatd_storage_batches_total 1.0" in body
+    assert "chatd_storage_batched_ops_total 1.0" in body
     status, _ = await http_get(srv.port, "/nope")
     assert status == 404
     status, _ = await http_get(srv.port, "/healthz?x=1")
