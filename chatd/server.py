@@ -21,6 +21,7 @@ from storage.base import StorageError, Store
 from .auth import Authenticator, load_or_create_secret
 from .broker import Broker
 from .config import Config
+from .connection import ChatConnection
 from .hub import Hub
 from .metrics import Metrics
 from .session import Session
@@ -108,6 +109,7 @@ class Server:
             ping_timeout=cfg.ping_timeout,
             close_timeout=5,
             server_header="chatd",
+            create_connection=ChatConnection,
         )
         log.info("listening on ws://%s:%d/ws (broker %s)", cfg.host, self.port, cfg.broker)
 
@@ -149,6 +151,7 @@ class Server:
     async def _handle(self, ws: ServerConnection) -> None:
         conn_id = next(self._ids)
         log.debug("conn %d: open from %s", conn_id, ws.remote_address)
+        assert isinstance(ws, ChatConnection)
         await Session(self.ctx, ws, conn_id).run()
 
     async def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:

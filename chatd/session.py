@@ -23,10 +23,10 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections import deque
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
-from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
@@ -56,6 +56,7 @@ from storage.base import (
 )
 
 from .broker import LiveEvent
+from .connection import ChatConnection
 from .errors import AuthError
 from .hub import TooManyConnections, UserState
 from .wire import encode_event, msg_map, receipt_map
@@ -69,6 +70,10 @@ __all__ = ["Session"]
 
 _PLAIN, _LIVE, _OWN_SENT, _OWN_MARK, _CLOSE = range(5)
 _PAGE = 500
+_BACKLOG_PAUSE = 64
+"""Held messages at which the socket stops being read (resumed at half)."""
+_MAX_IN_FLIGHT = 256
+"""Writes (sends, marks) of one connection in flight before its messages are held."""
 _OWN_WAIT = 30.0
 """Seconds a gap fill waits for this connection's own `sent` reply."""
 
@@ -92,16 +97,22 @@ class _Closing(Exception):
 
 class Session:
     __slots__ = (
+        "_backlog",
         "_bad_in_row",
+        "_busy",
         "_close_started",
         "_closing",
         "_drained",
         "_last",
         "_outbox",
+        "_paused",
         "_pending",
+        "_reading",
         "_state",
         "_tasks",
+        "_throttled",
         "_waiter",
+        "_wake",
         "_writer",
         "_written_own",
         "conn_id",
@@ -111,7 +122,7 @@ class Session:
         "ws",
     )
 
-    def __init__(self, ctx: Context, ws: ServerConnection, conn_id: int) -> None:
+    def __init__(self, ctx: Context, ws: ChatConnection, conn_id: int) -> None:
         self.ctx = ctx
         self.ws = ws
         self.conn_id = conn_id
@@ -132,6 +143,19 @@ class Session:
         """Tasks and store writes in flight (a write's done-callback removes it)."""
         self._writer: asyncio.Task[None] | None = None
         self._bad_in_row = 0
+        self._backlog: deque[bytes | str] | None = None
+        """Messages received while held (before `welcome`, during a history / convs
+        request, with too many writes in flight): handled in order when released."""
+        self._reading = False
+        """`welcome` is sent: messages are handled as they arrive (unless held)."""
+        self._busy = False
+        """A history / convs request is running: later messages wait for its answer."""
+        self._throttled = False
+        """Too many writes of this connection in flight: later messages wait."""
+        self._paused = False
+        """The transport is not reading (the backlog is long)."""
+        self._wake: asyncio.Future[None] | None = None
+        """Set while `_recv` waits for a message (before `welcome`)."""
         self._closing = False
         """No more frames are queued: the connection is being closed."""
         self._close_started = False
@@ -141,21 +165,27 @@ class Session:
     async def run(self) -> None:
         metrics = self.ctx.metrics
         metrics.connections.inc()
+        ws = self.ws
         try:
-            _forget_handshake(self.ws)
+            _forget_handshake(ws)
+            ws.set_sink(self._on_message)
             hello = await self._await_hello()
             if hello is not None:
                 await self._serve(hello)
-                await self._read_loop()
+                self._reading = True
+                self._release()
+                await ws.wait_closed()
         except _Closing as exc:
             await self._close(exc.code, exc.reason)
         except ConnectionClosed:
             pass
         finally:
+            ws.set_sink(None)
             metrics.connections.dec()
             await self._teardown()
 
     async def _teardown(self) -> None:
+        self._closing_input()
         if self._tasks:
             # In-flight writes finish (they are durable either way); replies may be lost.
             await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -183,19 +213,22 @@ class Session:
         try:
             async with asyncio.timeout(limits.hello_timeout):
                 while True:
-                    data = await self.ws.recv()
+                    data = await self._recv()
                     try:
                         m = decode_map(data)
                     except FrameError:
-                        await self._decode(data, self._send_now)  # answers, counts bad_frame
-                        continue
-                    if m.get("t") != "hello":
+                        m = None
+                    if m is not None and m.get("t") != "hello":
                         self._bad_in_row = 0
                         await self._send_now(
                             _error(ErrorCode.UNAUTHORIZED, "say hello first", request_id(m))
                         )
                         continue
-                    frame = await self._decode(data, self._send_now)
+                    frame, answer, close = self._parse(data)
+                    if answer is not None:
+                        await self._send_now(answer)
+                    if close:
+                        raise _Closing(CloseCode.POLICY_VIOLATION, "too many bad frames")
                     if frame is None:
                         continue
                     assert isinstance(frame, Hello)
@@ -270,46 +303,103 @@ class Session:
 
     # ------------------------------------------------------------------ reading
 
-    async def _read_loop(self) -> None:
-        async for data in self.ws:
-            frame = await self._decode(data, self._reply)
-            if frame is None:
-                continue
-            try:
-                await self._dispatch(frame)
-            except FrameError as exc:
-                self._reply(_error(exc.code, exc.msg, exc.id, exc.retry_ms))
+    def _on_message(self, data: bytes | str) -> None:
+        """The connection's sink: one whole client message, from the protocol callback."""
+        if self._closing:
+            return
+        if self._reading and not (self._busy or self._throttled) and not self._backlog:
+            self._handle(data)
+            return
+        if self._backlog is None:
+            self._backlog = deque()
+        self._backlog.append(data)
+        if len(self._backlog) >= _BACKLOG_PAUSE and not self._paused:
+            self._paused = True
+            self.ws.transport.pause_reading()
+        wake = self._wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)
 
-    async def _decode(
-        self, data: bytes | str, answer: Callable[[bytes], Awaitable[None] | None]
-    ) -> Any:
-        """Decode a frame, answering (and counting) the bad ones; None when bad."""
+    async def _recv(self) -> bytes | str:
+        """The next message before `welcome` (afterwards `_on_message` handles them)."""
+        backlog = self._backlog
+        while not backlog:
+            wake = self._wake = asyncio.get_running_loop().create_future()
+            closed = asyncio.ensure_future(self.ws.wait_closed())
+            try:
+                await asyncio.wait((wake, closed), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                self._wake = None
+                closed.cancel()
+            if not wake.done():
+                raise ConnectionClosed(self.ws.protocol.close_rcvd, self.ws.protocol.close_sent)
+            backlog = self._backlog
+        data = backlog.popleft()
+        self._resume_if_short()
+        return data
+
+    def _release(self) -> None:
+        """Handle the held messages, in order, until something holds them again."""
+        backlog = self._backlog
+        while backlog and self._reading and not (self._busy or self._throttled or self._closing):
+            self._handle(backlog.popleft())
+        self._resume_if_short()
+
+    def _resume_if_short(self) -> None:
+        if self._paused and (not self._backlog or len(self._backlog) < _BACKLOG_PAUSE // 2):
+            self._paused = False
+            self.ws.transport.resume_reading()
+
+    def _handle(self, data: bytes | str) -> None:
+        frame, answer, close = self._parse(data)
+        if answer is not None:
+            self._reply(answer)
+        if close:
+            self._spawn(self._close_drained(CloseCode.POLICY_VIOLATION, "too many bad frames"))
+            return
+        if frame is None:
+            return
+        try:
+            self._dispatch(frame)
+        except FrameError as exc:
+            self._reply(_error(exc.code, exc.msg, exc.id, exc.retry_ms))
+        except Exception:  # a bug: never let it into websockets' protocol callback
+            log.exception("conn %d: failed to handle a %s frame", self.conn_id, frame.t)
+            self._spawn(self._close_drained(CloseCode.INTERNAL_ERROR, "internal error"))
+
+    def _parse(self, data: bytes | str) -> tuple[Any, bytes | None, bool]:
+        """Decode a message: (frame, None, False), or (None, the error frame answering it,
+        whether it was the last bad frame in a row allowed)."""
         ctx = self.ctx
         try:
             frame = decode_client(data, ctx.config.limits)
         except FrameError as exc:
             ctx.metrics.errors.labels(exc.code).inc()
             ctx.metrics.frames_in.labels("invalid").inc()
-            if exc.code is ErrorCode.BAD_FRAME:
-                self._bad_in_row += 1
-                res = answer(_error(exc.code, exc.msg, exc.id))
-                if res is not None:
-                    await res
-                if self._bad_in_row >= ctx.config.limits.max_bad_frames:
-                    if self._writer is not None:
-                        await self._drain()
-                    raise _Closing(CloseCode.POLICY_VIOLATION, "too many bad frames") from None
-            else:
+            answer = _error(exc.code, exc.msg, exc.id)
+            if exc.code is not ErrorCode.BAD_FRAME:
                 self._bad_in_row = 0
-                res = answer(_error(exc.code, exc.msg, exc.id))
-                if res is not None:
-                    await res
-            return None
+                return None, answer, False
+            self._bad_in_row += 1
+            return None, answer, self._bad_in_row >= ctx.config.limits.max_bad_frames
         self._bad_in_row = 0
         ctx.metrics.frame_in(frame.t)
-        return frame
+        return frame, None, False
 
-    async def _dispatch(self, frame: Any) -> None:
+    async def _close_drained(self, code: int, reason: str) -> None:
+        """Close after the frames already queued (the last error frame) are written."""
+        self._closing_input()
+        await self._drain()
+        await self._close(code, reason)
+
+    def _closing_input(self) -> None:
+        """Read and queue nothing more: the connection is being closed."""
+        self._reading = False
+        self._closing = True
+        if self._backlog:
+            self._backlog.clear()
+
+    def _dispatch(self, frame: Any) -> None:
         if isinstance(frame, Send):
             try:
                 self._start_send(frame)
@@ -323,9 +413,9 @@ class Session:
         elif isinstance(frame, Typing):
             self._on_typing(frame)
         elif isinstance(frame, HistoryRequest):
-            await self._guard(frame.id, self._on_history(frame))
+            self._hold_for(frame.id, self._on_history(frame))
         elif isinstance(frame, ConvsRequest):
-            await self._guard(frame.id, self._on_convs(frame))
+            self._hold_for(frame.id, self._on_convs(frame))
         elif isinstance(frame, Ping):
             pong: dict[str, Any] = {"t": "pong", "ts": now_ms()}
             if frame.id is not None:
@@ -333,6 +423,19 @@ class Session:
             self._reply(encode_map(pong))
         elif isinstance(frame, Hello):
             raise FrameError(ErrorCode.BAD_REQUEST, "already said hello", frame.id)
+
+    def _hold_for(self, rid: Any, coro: Awaitable[None]) -> None:
+        """Run a read request; the messages after it wait for its answer (as they would
+        behind a blocking read), so answers keep the order of the requests."""
+        self._busy = True
+        self._spawn(self._held(rid, coro))
+
+    async def _held(self, rid: Any, coro: Awaitable[None]) -> None:
+        try:
+            await self._guard(rid, coro)
+        finally:
+            self._busy = False
+            self._release()
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
@@ -342,14 +445,20 @@ class Session:
         task.add_done_callback(self._tasks.discard)
 
     def _track(self, fut: asyncio.Future[Any]) -> None:
-        """Count a store write in flight until its done-callback calls `_untrack`."""
+        """Count a store write in flight until its done-callback calls `_untrack`; with
+        too many in flight, later messages wait (and the socket stops being read)."""
         if self._tasks is None:
             self._tasks = set()
         self._tasks.add(fut)
+        if len(self._tasks) >= _MAX_IN_FLIGHT:
+            self._throttled = True
 
     def _untrack(self, fut: asyncio.Future[Any]) -> None:
         if self._tasks is not None:
             self._tasks.discard(fut)
+            if self._throttled and len(self._tasks) <= _MAX_IN_FLIGHT // 2:
+                self._throttled = False
+                self._release()
 
     async def _guard(self, rid: Any, coro: Awaitable[None]) -> None:
         """Run a request; map what it raises to exactly one error frame."""
@@ -716,7 +825,7 @@ class Session:
         return encode_event(ev)
 
 
-def _forget_handshake(ws: ServerConnection) -> None:
+def _forget_handshake(ws: ChatConnection) -> None:
     """Drop the upgrade's headers, which websockets keeps for the connection's lifetime.
 
     chatd reads nothing from them after the upgrade, and they are the largest part

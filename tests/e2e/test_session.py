@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 from chatd.server import Server
+from protocol import encode_map
 
 from .conftest import Clients, MakeConfig, Servers, ws_url
 from .helpers import RawConn, is_t
@@ -123,3 +124,34 @@ async def test_reconnecting_with_since_under_live_traffic_loses_nothing(
         assert seen is not None
         # nothing is marked delivered: the first (no since) catch-up starts at 1
         assert seen == list(range(1, n + 1))
+
+
+async def test_pipelined_frames_are_answered_in_order(srv: Server, clients: Clients) -> None:
+    """Frames sent before `welcome` wait for it; a frame after a history request waits
+    for its answer; sends keep their order."""
+    raw = await clients.raw(srv)
+    frames: list[dict[str, Any]] = [{"t": "hello", "id": "h", "token": srv.ctx.auth.mint("alice")}]
+    frames += [{"t": "send", "id": i, "to": "bob", "cmid": f"p{i}", "body": "x"} for i in range(5)]
+    frames += [{"t": "history", "id": "hist", "with": "bob"}, {"t": "ping", "id": "p"}]
+    for f in frames:
+        await raw.send(f)
+    await raw.next(lambda m: m.get("id") == "p")
+    await raw.next(lambda m: m.get("id") == 4)
+    order = [f.get("id") for f in raw.frames if "id" in f]
+    assert order[0] == "h"
+    assert [i for i in order if isinstance(i, int)] == list(range(5))
+    assert order.index("hist") < order.index("p")
+    assert all(f["t"] == "sent" for f in raw.frames if isinstance(f.get("id"), int))
+
+
+async def test_fragmented_message_is_one_frame(srv: Server, clients: Clients) -> None:
+    raw = await clients.raw_hello(srv, "alice")
+    data = encode_map({"t": "send", "id": 7, "to": "bob", "cmid": "frag", "body": "y" * 300})
+    await raw.ws.send([data[:5], data[5:100], data[100:]])  # three WebSocket frames
+    sent = await raw.next(lambda m: m.get("id") == 7)
+    assert sent["t"] == "sent" and sent["seq"] == 1
+    await raw.ws.send(["not ", "binary"])  # a fragmented text message: one bad_frame
+    err = await raw.next(is_t("error"))
+    assert err["code"] == "bad_frame"
+    pong = await raw.request({"t": "ping", "id": "after"})
+    assert pong["t"] == "pong"

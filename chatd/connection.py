@@ -1,0 +1,79 @@
+"""`ChatConnection`: websockets' server connection, handing messages straight to the session.
+
+websockets' asyncio API queues every incoming message for `recv()`, which a
+reader task awaits: a queue, a future and a task wake-up per frame. chatd
+decodes and acts on a frame without awaiting anything (a write is queued in
+the store with a done-callback), so the connection calls the session's sink
+from the protocol callback instead. Everything else stays websockets': the
+handshake, framing, masking, size limits (`max_size` applies to a whole
+fragmented message), ping/pong, the closing handshake and write flow control.
+
+The session applies read flow control itself, with `transport.pause_reading()`
+(see `Session._on_message`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from websockets.asyncio.server import ServerConnection
+from websockets.frames import Frame, Opcode
+from websockets.typing import BytesLike
+
+__all__ = ["ChatConnection", "Sink"]
+
+Sink = Callable[[bytes | str], None]
+"""Takes one whole message: bytes for a binary one, str for a text one."""
+
+
+class ChatConnection(ServerConnection):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._sink: Sink | None = None
+        self._early: list[bytes | str] | None = None
+        """Messages that arrived before the session took over (it gets them first)."""
+        self._parts: list[BytesLike] | None = None
+        """The fragments so far of a fragmented message."""
+        self._text = False
+
+    def set_sink(self, sink: Sink | None) -> None:
+        """From now on every whole message goes to `sink` (None: to nobody)."""
+        self._sink = sink
+        early, self._early = self._early, None
+        if sink is not None and early:
+            for data in early:
+                sink(data)
+
+    def process_event(self, event: Any) -> None:
+        if self.request is None or not isinstance(event, Frame):
+            super().process_event(event)  # the handshake request
+            return
+        op = event.opcode
+        if op is Opcode.BINARY or op is Opcode.TEXT:
+            if not event.fin:
+                self._parts = [event.data]
+                self._text = op is Opcode.TEXT
+                return
+            self._deliver(event.data, op is Opcode.TEXT)
+        elif op is Opcode.CONT:
+            parts = self._parts
+            if parts is None:  # the protocol layer refuses a stray continuation first
+                return
+            parts.append(event.data)
+            if event.fin:
+                self._parts = None
+                self._deliver(b"".join(parts), self._text)
+        else:
+            super().process_event(event)  # PING, PONG, CLOSE
+
+    def _deliver(self, data: BytesLike, text: bool) -> None:
+        raw = data if type(data) is bytes else bytes(data)
+        msg: bytes | str = raw.decode("utf-8", "replace") if text else raw
+        sink = self._sink
+        if sink is not None:
+            sink(msg)
+        elif self._early is None:
+            self._early = [msg]
+        else:
+            self._early.append(msg)
