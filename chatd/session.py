@@ -348,7 +348,9 @@ class Session:
     def _resume_if_short(self) -> None:
         if self._paused and (not self._backlog or len(self._backlog) < _BACKLOG_PAUSE // 2):
             self._paused = False
-            self.ws.transport.resume_reading()
+            transport = self.ws.transport
+            if not transport.is_closing():
+                transport.resume_reading()
 
     def _handle(self, data: bytes | str) -> None:
         frame, answer, close = self._parse(data)
