@@ -28,22 +28,26 @@ Sink = Callable[[bytes | str], None]
 
 
 class ChatConnection(ServerConnection):
+    # Class-level defaults: an idle connection stores none of these itself.
+    _early: list[bytes | str] | None = None
+    """Messages that arrived before the session took over (it gets them first)."""
+    _parts: list[BytesLike] | None = None
+    """The fragments so far of a fragmented message."""
+    _text = False
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._sink: Sink | None = None
-        self._early: list[bytes | str] | None = None
-        """Messages that arrived before the session took over (it gets them first)."""
-        self._parts: list[BytesLike] | None = None
-        """The fragments so far of a fragmented message."""
-        self._text = False
 
     def set_sink(self, sink: Sink | None) -> None:
         """From now on every whole message goes to `sink` (None: to nobody)."""
         self._sink = sink
-        early, self._early = self._early, None
-        if sink is not None and early:
-            for data in early:
-                sink(data)
+        early = self._early
+        if early is not None:
+            self._early = None
+            if sink is not None:
+                for data in early:
+                    sink(data)
 
     def process_event(self, event: Any) -> None:
         if self.request is None or not isinstance(event, Frame):

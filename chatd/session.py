@@ -335,6 +335,8 @@ class Session:
                 raise ConnectionClosed(self.ws.protocol.close_rcvd, self.ws.protocol.close_sent)
             backlog = self._backlog
         data = backlog.popleft()
+        if not backlog:
+            self._backlog = None  # an idle connection keeps no deque (about 600 bytes)
         self._resume_if_short()
         return data
 
@@ -343,6 +345,8 @@ class Session:
         backlog = self._backlog
         while backlog and self._reading and not (self._busy or self._throttled or self._closing):
             self._handle(backlog.popleft())
+        if not backlog:
+            self._backlog = None
         self._resume_if_short()
 
     def _resume_if_short(self) -> None:
