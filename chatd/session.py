@@ -114,6 +114,7 @@ class Session:
         "_waiter",
         "_wake",
         "_writer",
+        "_writes",
         "_written_own",
         "conn_id",
         "ctx",
@@ -143,6 +144,8 @@ class Session:
         """Tasks and store writes in flight (a write's done-callback removes it)."""
         self._writer: asyncio.Task[None] | None = None
         self._bad_in_row = 0
+        self._writes = 0
+        """Store writes (sends, marks) of this connection in flight."""
         self._backlog: deque[bytes | str] | None = None
         """Messages received while held (before `welcome`, during a history / convs
         request, with too many writes in flight): handled in order when released."""
@@ -192,6 +195,7 @@ class Session:
         if self._writer is not None:
             self._writer.cancel()
             await asyncio.gather(self._writer, return_exceptions=True)
+            self._writer = None  # its traceback refers to this session: no cycle to collect
         if self._state is not None:
             self.ctx.metrics.sessions.dec()
             await self.ctx.hub.detach(self)
@@ -361,6 +365,7 @@ class Session:
         if answer is not None:
             self._reply(answer)
         if close:
+            self._closing_input()  # nothing after the last bad frame allowed is acted on
             self._spawn(self._close_drained(CloseCode.POLICY_VIOLATION, "too many bad frames"))
             return
         if frame is None:
@@ -371,6 +376,7 @@ class Session:
             self._reply(_error(exc.code, exc.msg, exc.id, exc.retry_ms))
         except Exception:  # a bug: never let it into websockets' protocol callback
             log.exception("conn %d: failed to handle a %s frame", self.conn_id, frame.t)
+            self._closing_input()
             self._spawn(self._close_drained(CloseCode.INTERNAL_ERROR, "internal error"))
 
     def _parse(self, data: bytes | str) -> tuple[Any, bytes | None, bool]:
@@ -399,11 +405,13 @@ class Session:
         await self._close(code, reason)
 
     def _closing_input(self) -> None:
-        """Read and queue nothing more: the connection is being closed."""
+        """Act on and queue nothing more: the connection is being closed. A paused
+        socket is read again, so that the closing handshake can complete (whatever
+        else arrives is dropped)."""
         self._reading = False
         self._closing = True
-        if self._backlog:
-            self._backlog.clear()
+        self._backlog = None
+        self._resume_if_short()
 
     def _dispatch(self, frame: Any) -> None:
         if isinstance(frame, Send):
@@ -456,15 +464,17 @@ class Session:
         if self._tasks is None:
             self._tasks = set()
         self._tasks.add(fut)
-        if len(self._tasks) >= _MAX_IN_FLIGHT:
+        self._writes += 1
+        if self._writes >= _MAX_IN_FLIGHT:
             self._throttled = True
 
     def _untrack(self, fut: asyncio.Future[Any]) -> None:
         if self._tasks is not None:
             self._tasks.discard(fut)
-            if self._throttled and len(self._tasks) <= _MAX_IN_FLIGHT // 2:
-                self._throttled = False
-                self._release()
+        self._writes -= 1
+        if self._throttled and self._writes <= _MAX_IN_FLIGHT // 2:
+            self._throttled = False
+            self._release()
 
     async def _guard(self, rid: Any, coro: Awaitable[None]) -> None:
         """Run a request; map what it raises to exactly one error frame."""
@@ -701,7 +711,7 @@ class Session:
         if len(self._outbox) > self.ctx.config.outbox_limit:
             # It loses nothing: it resumes with `since` and reads the rest from storage.
             self._outbox.clear()
-            self._closing = True
+            self._closing_input()
             self._spawn(self._close(CloseCode.TRY_AGAIN_LATER, "slow reader"))
 
     async def _send_now(self, data: bytes) -> None:

@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from chatd.server import Server
 from protocol import encode_map
+from storage.base import StorageUnavailable
 
 from .conftest import Clients, MakeConfig, Servers, ws_url
 from .helpers import RawConn, is_t
@@ -155,3 +158,53 @@ async def test_fragmented_message_is_one_frame(srv: Server, clients: Clients) ->
     assert err["code"] == "bad_frame"
     pong = await raw.request({"t": "ping", "id": "after"})
     assert pong["t"] == "pong"
+
+
+async def test_held_frames_are_released_when_writes_finish(
+    servers: Servers, make_config: MakeConfig, clients: Clients, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only store writes count toward the in-flight limit: slow rate-limited lookups
+    (tasks) next to 256 writes must not keep the connection's frames held for good."""
+    srv = await servers.start(make_config(send_burst=1, send_rate=0.01))
+    loop = asyncio.get_running_loop()
+    lookups_may_end = asyncio.Event()
+
+    async def slow_find_sent(*a: Any, **k: Any) -> None:
+        await lookups_may_end.wait()
+
+    def slow_mark(*a: Any, **k: Any) -> asyncio.Future[Any]:
+        fut: asyncio.Future[Any] = loop.create_future()
+        loop.call_soon(fut.set_exception, StorageUnavailable("slow"))
+        return fut
+
+    monkeypatch.setattr(srv.store, "find_sent", slow_find_sent)
+    monkeypatch.setattr(srv.store, "mark_soon", slow_mark)
+    raw = await clients.raw_hello(srv, "alice")
+    sent = await raw.request({"t": "send", "id": "s0", "to": "bob", "cmid": "c0", "body": "x"})
+    assert sent["t"] == "sent"
+    for i in range(200):  # over the rate: each waits in a lookup task
+        await raw.send({"t": "send", "id": f"l{i}", "to": "bob", "cmid": f"l{i}", "body": "x"})
+    for i in range(300):  # writes, all answered (unavailable) while the lookups still wait
+        await raw.send({"t": "read", "id": f"m{i}", "conv": "nope", "upto": 1})
+    assert (await raw.request({"t": "ping", "id": "p"}))["t"] == "pong"
+    lookups_may_end.set()
+    await raw.next(lambda m: m.get("id") == "l199")
+
+
+async def test_nothing_after_the_closing_bad_frame_is_acted_on(
+    servers: Servers, make_config: MakeConfig, clients: Clients
+) -> None:
+    srv = await servers.start(make_config(max_bad_frames=2))
+    raw = await clients.raw_hello(srv, "alice")
+    proto = raw.ws.protocol
+    late = encode_map({"t": "send", "id": 9, "to": "bob", "cmid": "late", "body": "x"})
+    for data in (b"\xc1", b"\xc1", late):
+        proto.send_binary(data)
+    raw.ws.transport.write(b"".join(proto.data_to_send()))  # one TCP segment: one chunk
+    assert await raw.wait_closed() == 1008
+    assert len(raw.of_type("error")) == 2
+    # a later send through the same store commits after anything queued before it
+    other = await clients.raw_hello(srv, "alice")
+    r = await other.request({"t": "send", "id": 1, "to": "bob", "cmid": "after", "body": "x"})
+    assert r["t"] == "sent"
+    assert await srv.store.find_sent("alice", "late") is None
