@@ -25,8 +25,9 @@ from .generate import GenParams, generate
 from .report import build_report, format_table, write_report
 from .runner import ReplayOptions, _new_loop, mint_tokens, run_replay
 from .servers import ServerProc, start_chatd, start_relay
+from .trace import Trace
 
-__all__ = ["idle_memory", "run_server_bench"]
+__all__ = ["idle_memory", "issue2_trace", "run_server_bench"]
 
 VARIANTS = ("chatd", "chatd-gc-off", "relay")
 
@@ -37,6 +38,24 @@ def _start(variant: str, tmp: Path, secret: str) -> ServerProc:
     db = tmp / f"{variant}-{secrets.token_hex(4)}.db"
     extra = ["--group-commit", "false"] if variant == "chatd-gc-off" else []
     return start_chatd(db, secret, extra=extra)
+
+
+def issue2_trace(rate: float, duration: float, users: int = 200) -> Trace:
+    """The issue-2 load: users in pairs, every message on the full path (sent, msg,
+    delivered, receipt), nothing else (no reads, typing or history)."""
+    return generate(
+        GenParams(
+            users=users,
+            pairs=True,
+            rate=rate,
+            duration=duration,
+            seed=7,
+            typing_prob=0.0,
+            read_prob=0.0,
+            history_prob=0.0,
+            start=1.0,
+        )
+    )
 
 
 def _one(
@@ -51,19 +70,7 @@ def _one(
 ) -> dict[str, Any]:
     srv = _start(variant, tmp, secret)
     try:
-        trace = generate(
-            GenParams(
-                users=200,
-                pairs=True,
-                rate=rate,
-                duration=duration,
-                seed=7,
-                typing_prob=0.0,
-                read_prob=0.0,
-                history_prob=0.0,
-                start=1.0,
-            )
-        )
+        trace = issue2_trace(rate, duration)
         opt = ReplayOptions(
             urls=[srv.url], jwt_secret=secret, procs=procs, drain_timeout=30.0, progress=False
         )

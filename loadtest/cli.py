@@ -124,6 +124,18 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-rate", type=float, default=0.0, help="skip the search: use this rate")
     s.add_argument("--idle", type=int, default=2000)
 
+    ab = sub.add_parser("ab", help="chatd builds (source trees) measured alternately")
+    ab.add_argument(
+        "--build", action="append", required=True, help="NAME=DIR, a source tree (repeatable)"
+    )
+    ab.add_argument(
+        "--extra", action="append", default=[], help="NAME='--flag value': serve flags of a build"
+    )
+    ab.add_argument("--rate", type=float, default=2000.0)
+    ab.add_argument("--duration", type=float, default=10.0)
+    ab.add_argument("--rounds", type=int, default=3)
+    ab.add_argument("--out", default="reports/ab")
+
     c = sub.add_parser("check-trace", help="parse a trace and print its counts")
     c.add_argument("trace")
     return p
@@ -167,6 +179,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .bench import run_scenarios
 
         return run_scenarios(Path(a.out), a.only, procs=a.procs, scale=a.scale)
+    if a.command == "ab":
+        from .ab import parse_builds, run_ab
+
+        try:
+            builds = parse_builds(a.build, a.extra)
+        except ValueError as exc:
+            print(f"chatd-loadtest: {exc}", file=sys.stderr)
+            return 2
+        return run_ab(builds, Path(a.out), rate=a.rate, duration=a.duration, rounds=a.rounds)
     if a.command == "server-bench":
         from .bench_server import run_server_bench
 

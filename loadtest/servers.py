@@ -33,7 +33,14 @@ def _raise_nofile() -> None:
 class ServerProc:
     """A server subprocess that printed its URL; we own it, and end it by its PID."""
 
-    def __init__(self, argv: Sequence[str], timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        argv: Sequence[str],
+        timeout: float = 30.0,
+        *,
+        cwd: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.argv = list(argv)
         self.proc = subprocess.Popen(
             self.argv,
@@ -41,6 +48,8 @@ class ServerProc:
             stderr=subprocess.PIPE,
             text=True,
             preexec_fn=_raise_nofile,
+            cwd=cwd,
+            env=env,
         )
         self.url = ""
         deadline = time.monotonic() + timeout

@@ -3,9 +3,10 @@
 Group commit
 ------------
 One writer task owns every write. `send()` / `mark()` queue an op with a
-future and await it. The writer takes the first op, drains the ops already
-queued (up to `max_batch`), runs them all in ONE transaction, commits, then
-resolves the futures in queue order. The number of statements per batch does
+future and await it (`send_soon()` / `mark_soon()` return that future). The
+writer takes the first op, drains the ops already queued (up to `max_batch`),
+runs them all in ONE transaction, commits, then resolves the futures in queue
+order. The number of statements per batch does
 not grow with its size (executemany for the rows):
 
 1. (marks only) read the marking users' member rows, to learn the peers;
@@ -26,7 +27,9 @@ not grow with its size (executemany for the rows):
 On SQLite the writer keeps the users / convs / members rows it read or wrote
 between batches (`batch_io.SqliteCache`): steps 1, 2 and 4 read only the rows
 it does not hold yet. It is dropped when another connection has committed
-(`PRAGMA data_version`) and after any failed batch.
+(`PRAGMA data_version`) and after any failed batch. Step 6 there is one
+multi-row statement per table and chunk (INSERT ... VALUES, UPDATE ... FROM
+VALUES), with the message ids assigned by the writer, which is the only one.
 
 A validation failure of one op (NotAMember, UptoTooHigh) is decided in step 5
 and fails only that op. A failed transaction fails every op of the batch with

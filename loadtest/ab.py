@@ -1,0 +1,159 @@
+"""A/B: chatd builds (source trees) measured alternately, in one sitting.
+
+    git worktree add /tmp/before HEAD~3
+    python -m loadtest ab --build before=/tmp/before --build after=. --rounds 3
+
+Each round starts each build in turn and replays the same open-loop trace (by
+default the issue-2 load: 200 users in 100 pairs, full path, 2,000 msg/s), then
+records the server's CPU per acknowledged message and the send -> msg latency.
+A build runs from its own tree (working directory and PYTHONPATH), so it imports
+its own `chatd`, `protocol` and `storage` with this environment's libraries.
+`--extra NAME='--commit-window-ms 3'` passes serve flags to one build (two names
+may share a tree). Alternating spreads the machine's drift over every build:
+compare builds within one run, never with another day's numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shlex
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .bench_server import issue2_trace
+from .report import build_report
+from .runner import ReplayOptions, run_replay
+from .servers import BENCH_LIMITS, ServerProc
+
+__all__ = ["Build", "parse_builds", "run_ab"]
+
+
+@dataclass(frozen=True, slots=True)
+class Build:
+    name: str
+    tree: Path
+    extra: list[str] = field(default_factory=list)
+
+
+def parse_builds(builds: list[str], extras: list[str]) -> list[Build]:
+    """`NAME=DIR` builds and `NAME=FLAGS` extras -> Builds; ValueError when malformed."""
+    flags: dict[str, list[str]] = {}
+    for e in extras:
+        name, sep, args = e.partition("=")
+        if not sep:
+            raise ValueError(f"--extra {e!r}: expected NAME=FLAGS")
+        flags[name] = shlex.split(args)
+    out: list[Build] = []
+    for b in builds:
+        name, sep, tree = b.partition("=")
+        path = Path(tree).resolve()
+        if not sep or not name:
+            raise ValueError(f"--build {b!r}: expected NAME=DIR")
+        if not (path / "chatd" / "__init__.py").is_file():
+            raise ValueError(f"--build {b!r}: {path} holds no chatd package")
+        out.append(Build(name, path, flags.pop(name, [])))
+    if flags:
+        raise ValueError(f"--extra for unknown builds: {', '.join(sorted(flags))}")
+    if len({b.name for b in out}) != len(out):
+        raise ValueError("build names must differ")
+    return out
+
+
+def _start(build: Build, db: Path, secret: str) -> ServerProc:
+    argv = [
+        sys.executable,
+        "-m",
+        "chatd",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--db",
+        f"sqlite:///{db}",
+        "--jwt-secret",
+        secret,
+        "--log-level",
+        "WARNING",
+        *BENCH_LIMITS,
+        *build.extra,
+    ]
+    env = {**os.environ, "PYTHONPATH": str(build.tree)}
+    return ServerProc(argv, cwd=build.tree, env=env)
+
+
+def run_ab(
+    builds: list[Build],
+    out: Path,
+    *,
+    rate: float = 2000.0,
+    duration: float = 10.0,
+    rounds: int = 3,
+    users: int = 200,
+) -> int:
+    """Run every build once per round, alternating; print a line per run and a summary.
+    0 when every run delivered every message exactly once, in order."""
+    out.mkdir(parents=True, exist_ok=True)
+    secret = secrets.token_urlsafe(32)
+    trace = issue2_trace(rate, duration, users)
+    runs: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="chatd-ab-") as td:
+        for r in range(rounds):
+            for b in builds:
+                srv = _start(b, Path(td) / f"{b.name}-{r}.db", secret)
+                try:
+                    cpu0 = srv.cpu_s()
+                    raw = run_replay(
+                        trace,
+                        ReplayOptions(
+                            urls=[srv.url], jwt_secret=secret, drain_timeout=30.0, progress=False
+                        ),
+                    )
+                    cpu = srv.cpu_s() - cpu0
+                finally:
+                    srv.stop()
+                rep = build_report(raw, name=f"{b.name}-r{r}", server={"cpu_s": round(cpu, 3)})
+                lat = rep["latency_ms"]["delivery_live"]
+                row = {
+                    "build": b.name,
+                    "round": r,
+                    "achieved": rep["throughput"]["achieved_rate"],
+                    "server_us_per_msg": rep["server"].get("cpu_us_per_msg"),
+                    "tester_us_per_msg": rep["tester"]["cpu_us_per_msg"],
+                    "tester_saturated": rep["tester"]["saturated"],
+                    "send_msg_p50": lat.get("p50"),
+                    "send_msg_p99": lat.get("p99"),
+                    "ok": rep["verdict"]["ok"],
+                }
+                runs.append(row)
+                print(
+                    f"{b.name:>12} r{r}  achieved {row['achieved']:>8,.1f} msg/s  "
+                    f"server {row['server_us_per_msg']} µs/msg  "
+                    f"send->msg p50 {row['send_msg_p50']} p99 {row['send_msg_p99']} ms  "
+                    f"tester saturated {'YES' if row['tester_saturated'] else 'no'}  "
+                    f"{'OK' if row['ok'] else 'NOT OK'}",
+                    flush=True,
+                )
+    print(f"\n== {rate:,.0f} msg/s, {duration:g} s, {rounds} round(s), builds alternating ==")
+    for b in builds:
+        mine = [x for x in runs if x["build"] == b.name]
+        cpus = ", ".join(str(x["server_us_per_msg"]) for x in mine)
+        p99s = ", ".join(str(x["send_msg_p99"]) for x in mine)
+        print(f"{b.name:>12}  server µs/msg: {cpus}   send->msg p99 ms: {p99s}")
+    (out / "ab.json").write_text(
+        json.dumps(
+            {
+                "rate": rate,
+                "duration": duration,
+                "builds": [{"name": b.name, "tree": str(b.tree), "extra": b.extra} for b in builds],
+                "runs": runs,
+            },
+            indent=2,
+        )
+    )
+    return 0 if all(x["ok"] for x in runs) else 1

@@ -1,0 +1,36 @@
+"""`loadtest ab`: builds from source trees, alternating, each run checked."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from loadtest.ab import parse_builds, run_ab
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_parse_builds_refuses_what_it_cannot_run(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="NAME=DIR"):
+        parse_builds(["nodir"], [])
+    with pytest.raises(ValueError, match="no chatd package"):
+        parse_builds([f"x={tmp_path}"], [])
+    with pytest.raises(ValueError, match="unknown builds"):
+        parse_builds([f"a={ROOT}"], ["b=--gc-young 0"])
+    with pytest.raises(ValueError, match="differ"):
+        parse_builds([f"a={ROOT}", f"a={ROOT}"], [])
+    (b,) = parse_builds([f"a={ROOT}"], ["a=--commit-window-ms 3 --gc-young 0"])
+    assert b.tree == ROOT and b.extra == ["--commit-window-ms", "3", "--gc-young", "0"]
+
+
+def test_two_builds_alternate_and_every_run_is_checked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    builds = parse_builds([f"one={ROOT}", f"two={ROOT}"], ["two=--commit-window-ms 0"])
+    assert run_ab(builds, tmp_path, rate=40.0, duration=1.5, rounds=1, users=10) == 0
+    runs = json.loads((tmp_path / "ab.json").read_text())["runs"]
+    assert [r["build"] for r in runs] == ["one", "two"]
+    assert all(r["ok"] and r["server_us_per_msg"] > 0 for r in runs)
+    assert "server µs/msg" in capsys.readouterr().out
