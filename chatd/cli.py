@@ -10,6 +10,8 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from storage.base import StorageError
+
 from . import __version__
 from .auth import Authenticator
 from .config import Config, add_options, config_from_args
@@ -110,6 +112,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"chatd: {exc}", file=sys.stderr)
         return 2
+    except StorageError as exc:  # e.g. the database does not answer at start
+        print(f"chatd: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

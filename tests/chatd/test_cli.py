@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,8 @@ import pytest
 from chatd.auth import Authenticator
 from chatd.cli import main, tune_gc
 from storage.migrate import current_revision, head_revision
+
+UNREACHABLE = "postgresql://postgres@127.0.0.1:1/none"
 
 
 def test_token_uses_the_generated_secret_beside_the_database(
@@ -48,6 +52,18 @@ def test_bad_configuration_exits_2_with_a_message(
     monkeypatch.setenv("CHATD_BROKER", "zeromq")
     assert main(["serve"]) == 2
     assert "zeromq" in capsys.readouterr().err
+
+
+def test_unreachable_database_at_start_exits_1_with_one_line() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "chatd", "serve", "--port", "0", "--db", UNREACHABLE],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1].startswith("chatd: ")
+    assert "Traceback" not in out.stderr
 
 
 def test_tune_gc_sets_the_young_threshold_and_freezes_startup() -> None:
