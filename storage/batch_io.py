@@ -314,10 +314,10 @@ _KEYS: dict[str, tuple[str, ...]] = {
 class SqliteIO:
     """Plain cursor calls on the SQLite writer's own connection (inside BEGIN IMMEDIATE).
 
-    With a `SqliteCache`, the users / convs / members rows come from it when it
+    The users / convs / members rows come from the writer's `SqliteCache` when it
     has them; only the missing ones are read."""
 
-    def __init__(self, conn: sqlite3.Connection, cache: SqliteCache | None = None) -> None:
+    def __init__(self, conn: sqlite3.Connection, cache: SqliteCache) -> None:
         self._cur = conn.cursor()
         self._cache = cache
 
@@ -331,8 +331,6 @@ class SqliteIO:
     ) -> list[Row]:
         """The rows of `keys`: the cached ones, and `load(missing)` (then cached) for the rest."""
         cache = self._cache
-        if cache is None:
-            return load(keys)
         out: list[Row] = []
         missing: list[Any] = []
         for k in keys:
@@ -356,7 +354,7 @@ class SqliteIO:
         cols: Sequence[str],
         pairs: Sequence[tuple[str, str]],
     ) -> list[Row]:
-        if table == "members" and self._cache is not None:
+        if table == "members":
             # Whole rows (a superset of `cols`), so that the cache can answer any columns.
             return self._cached(
                 "members", pairs, lambda miss: self._pairs(table, key, _MEMBER_COLS, miss)
@@ -420,12 +418,11 @@ class SqliteIO:
             ("mid", *_MESSAGE_COLS),
             [{**row, "mid": mid} for row, mid in zip(rows, mids, strict=True)],
         )
-        if self._cache is not None:
-            self._cache.next_mid(first + len(rows))
+        self._cache.next_mid(first + len(rows))
         return mids
 
     def _next_mid(self) -> int:
-        known = self._cache.mid() if self._cache is not None else None
+        known = self._cache.mid()
         if known is not None:
             return known
         self._cur.execute("SELECT coalesce(max(mid), 0) + 1 FROM messages")
@@ -441,9 +438,8 @@ class SqliteIO:
             ("b_user", "b_cur"),
             rows,
         )
-        if self._cache is not None:
-            for r in rows:
-                self._cache.update("users", r["b_user"], last_cur=r["b_cur"])
+        for r in rows:
+            self._cache.update("users", r["b_user"], last_cur=r["b_cur"])
 
     def update_convs(self, rows: Sequence[Row]) -> None:
         self._write_rows(
@@ -452,15 +448,14 @@ class SqliteIO:
             ("b_conv", "b_seq", "b_ts", "b_mid"),
             rows,
         )
-        if self._cache is not None:
-            for r in rows:
-                self._cache.update(
-                    "convs",
-                    r["b_conv"],
-                    last_seq=r["b_seq"],
-                    last_ts=r["b_ts"],
-                    last_mid=r["b_mid"],
-                )
+        for r in rows:
+            self._cache.update(
+                "convs",
+                r["b_conv"],
+                last_seq=r["b_seq"],
+                last_ts=r["b_ts"],
+                last_mid=r["b_mid"],
+            )
 
     def update_members(self, rows: Sequence[Row]) -> None:
         self._write_rows(
@@ -470,22 +465,20 @@ class SqliteIO:
             ("b_user", "b_conv", "b_delivered", "b_read", "b_recv", "b_unread"),
             rows,
         )
-        if self._cache is not None:
-            for r in rows:
-                self._cache.update(
-                    "members",
-                    (r["b_user"], r["b_conv"]),
-                    delivered=r["b_delivered"],
-                    read=r["b_read"],
-                    last_recv_seq=r["b_recv"],
-                    unread=r["b_unread"],
-                )
+        for r in rows:
+            self._cache.update(
+                "members",
+                (r["b_user"], r["b_conv"]),
+                delivered=r["b_delivered"],
+                read=r["b_read"],
+                last_recv_seq=r["b_recv"],
+                unread=r["b_unread"],
+            )
 
     def _write_rows(self, template: str, cols: Sequence[str], rows: Sequence[Row]) -> None:
         """Many rows in a few statements: `template` with `{cols}` and `{values}`, run once
-        per power-of-two chunk of rows. The sqlite3 module lets the GIL go and takes it
-        back for every statement step, and the event loop's thread wants it at the same
-        time: one statement per chunk instead of one step per row is most of the saving."""
+        per power-of-two chunk of rows (a handful of statement shapes for any batch), so
+        the writer makes a few statement steps per batch instead of one per row."""
         start = 0
         n = len(rows)
         while start < n:
@@ -503,6 +496,5 @@ class SqliteIO:
             "WHERE user_id = :b_user AND conv = :b_conv",
             rows,
         )
-        if self._cache is not None:
-            for r in rows:
-                self._cache.forget("members", (r["b_user"], r["b_conv"]))
+        for r in rows:
+            self._cache.forget("members", (r["b_user"], r["b_conv"]))
