@@ -364,9 +364,8 @@ class Session:
         frame, answer, close = self._parse(data)
         if answer is not None:
             self._reply(answer)
-        if close:
-            self._closing_input()  # nothing after the last bad frame allowed is acted on
-            self._spawn(self._close_drained(CloseCode.POLICY_VIOLATION, "too many bad frames"))
+        if close:  # nothing after the last bad frame allowed is acted on
+            self._close_drained(CloseCode.POLICY_VIOLATION, "too many bad frames")
             return
         if frame is None:
             return
@@ -376,8 +375,7 @@ class Session:
             self._reply(_error(exc.code, exc.msg, exc.id, exc.retry_ms))
         except Exception:  # a bug: never let it into websockets' protocol callback
             log.exception("conn %d: failed to handle a %s frame", self.conn_id, frame.t)
-            self._closing_input()
-            self._spawn(self._close_drained(CloseCode.INTERNAL_ERROR, "internal error"))
+            self._close_drained(CloseCode.INTERNAL_ERROR, "internal error")
 
     def _parse(self, data: bytes | str) -> tuple[Any, bytes | None, bool]:
         """Decode a message: (frame, None, False), or (None, the error frame answering it,
@@ -398,9 +396,13 @@ class Session:
         ctx.metrics.frame_in(frame.t)
         return frame, None, False
 
-    async def _close_drained(self, code: int, reason: str) -> None:
-        """Close after the frames already queued (the last error frame) are written."""
+    def _close_drained(self, code: int, reason: str) -> None:
+        """Stop acting on input now; close once the frames already queued (the last
+        error frame) are written."""
         self._closing_input()
+        self._spawn(self._drain_then_close(code, reason))
+
+    async def _drain_then_close(self, code: int, reason: str) -> None:
         await self._drain()
         await self._close(code, reason)
 
@@ -544,7 +546,7 @@ class Session:
         self._untrack(fut)
         ctx = self.ctx
         try:
-            exc = fut.exception() if not fut.cancelled() else StorageUnavailable("cancelled")
+            exc = _failure(fut)
             if exc is not None:
                 if pend is not None:
                     self._unpend(f.cmid, pend, None)
@@ -595,7 +597,7 @@ class Session:
     def _mark_done(self, f: Mark, fut: asyncio.Future[MarkOutcome]) -> None:
         self._untrack(fut)
         try:
-            exc = fut.exception() if not fut.cancelled() else StorageUnavailable("cancelled")
+            exc = _failure(fut)
             if isinstance(exc, NotAMember):
                 exc = FrameError(ErrorCode.BAD_REQUEST, "not a conversation of yours")
             elif isinstance(exc, UptoTooHigh):
@@ -852,6 +854,11 @@ def _forget_handshake(ws: ChatConnection) -> None:
     if ws.request is not None:
         ws.request.headers.clear()
     ws.response = None
+
+
+def _failure(fut: asyncio.Future[Any]) -> BaseException | None:
+    """What a finished store write raised (a cancelled one: storage unavailable), or None."""
+    return fut.exception() if not fut.cancelled() else StorageUnavailable("cancelled")
 
 
 def _error(code: ErrorCode, msg: str, rid: Any = None, retry_ms: int | None = None) -> bytes:
