@@ -16,10 +16,8 @@ compare builds within one run, never with another day's numbers.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import shlex
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +26,7 @@ from typing import Any
 from .bench_server import issue2_trace
 from .report import build_report
 from .runner import ReplayOptions, run_replay
-from .servers import BENCH_LIMITS, ServerProc
+from .servers import start_chatd
 
 __all__ = ["Build", "parse_builds", "run_ab"]
 
@@ -64,29 +62,6 @@ def parse_builds(builds: list[str], extras: list[str]) -> list[Build]:
     return out
 
 
-def _start(build: Build, db: Path, secret: str) -> ServerProc:
-    argv = [
-        sys.executable,
-        "-m",
-        "chatd",
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--db",
-        f"sqlite:///{db}",
-        "--jwt-secret",
-        secret,
-        "--log-level",
-        "WARNING",
-        *BENCH_LIMITS,
-        *build.extra,
-    ]
-    env = {**os.environ, "PYTHONPATH": str(build.tree)}
-    return ServerProc(argv, cwd=build.tree, env=env)
-
-
 def run_ab(
     builds: list[Build],
     out: Path,
@@ -105,7 +80,7 @@ def run_ab(
     with tempfile.TemporaryDirectory(prefix="chatd-ab-") as td:
         for r in range(rounds):
             for b in builds:
-                srv = _start(b, Path(td) / f"{b.name}-{r}.db", secret)
+                srv = start_chatd(Path(td) / f"{b.name}-{r}.db", secret, extra=b.extra, tree=b.tree)
                 try:
                     cpu0 = srv.cpu_s()
                     raw = run_replay(

@@ -118,9 +118,14 @@ def start_chatd(
     secret: str,
     port: int = 0,
     extra: Sequence[str] = (),
+    tree: Path | None = None,
 ) -> ServerProc:
+    """`chatd serve` on 127.0.0.1 with the bench's raised limits. `tree`: run the chatd
+    of that source tree instead of the installed one (its directory and PYTHONPATH:
+    `python -m` puts the current directory first)."""
+    program = [_bin("chatd")] if tree is None else [sys.executable, "-m", "chatd"]
     argv = [
-        _bin("chatd"),
+        *program,
         "serve",
         "--host",
         "127.0.0.1",
@@ -135,7 +140,9 @@ def start_chatd(
         *BENCH_LIMITS,
         *extra,
     ]
-    return ServerProc(argv)
+    if tree is None:
+        return ServerProc(argv)
+    return ServerProc(argv, cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)})
 
 
 def start_relay(port: int = 0) -> ServerProc:
