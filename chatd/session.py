@@ -1,9 +1,11 @@
 """One session per WebSocket connection.
 
 Two tasks own a connection: the *reader* (this module's `run`) decodes client
-frames and acts on them; the *writer* (`_write_loop`) is the only one that
-writes to the socket, from an ordered outbox. Every event of the user's stream
-goes out in `cur` order with no gap and no repeat:
+frames and acts on them; the *writer* (`_write_loop`) writes to the socket from
+an ordered outbox. While the writer is idle (the outbox is empty), a frame that
+can go out without waiting is written at once by `_write_at_once`, with the same
+bookkeeping (`_frames_for`), so order is the same either way. Every event of the
+user's stream goes out in `cur` order with no gap and no repeat:
 
 - `_last` is the highest `cur` written on this connection;
 - a live event at `_last + 1` is written; one at or below `_last` is dropped
@@ -29,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
+from websockets.protocol import State
 
 from protocol import (
     ConvsRequest,
@@ -706,15 +709,42 @@ class Session:
     def _push(self, item: Item) -> None:
         if self._closing:
             return
-        self._outbox.append(item)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
+            # The writer is idle, so the outbox is empty: write at once when nothing
+            # can make the write wait (no task switch per frame on the hot path).
+            if self._write_at_once(item):
+                return
+            self._outbox.append(item)
             waiter.set_result(None)
+            return
+        self._outbox.append(item)
         if len(self._outbox) > self.ctx.config.outbox_limit:
             # It loses nothing: it resumes with `since` and reads the rest from storage.
             self._outbox.clear()
             self._closing_input()
             self._spawn(self._close(CloseCode.TRY_AGAIN_LATER, "slow reader"))
+
+    def _write_at_once(self, item: Item) -> bool:
+        """Write `item` now, synchronously, when that is exactly what the writer would do
+        without waiting: the connection is open, the socket's buffer is below its high
+        mark, and no stored event is missing before it. False leaves it to the writer."""
+        ws = self.ws
+        if ws.protocol.state is not State.OPEN or ws.paused or ws.transport.is_closing():
+            return False
+        frames = self._frames_for(item)
+        if frames is None:
+            return False
+        if frames:
+            proto = ws.protocol
+            for frame in frames:
+                proto.send_binary(frame)
+            try:
+                ws.transport.write(b"".join(proto.data_to_send()))
+            except Exception as exc:  # the socket is gone: as websockets' send_context does
+                log.info("conn %d: write failed: %s", self.conn_id, type(exc).__name__)
+                ws.transport.abort()
+        return True
 
     async def _send_now(self, data: bytes) -> None:
         await self.ws.send(data)

@@ -9,6 +9,7 @@ import socket
 import pytest
 
 from chatd.server import Server
+from chatd.session import Session
 from protocol import Msg, encode_map
 from storage.base import StorageUnavailable
 
@@ -180,11 +181,8 @@ async def test_graceful_shutdown_closes_clients_1001(
         raise AssertionError("still listening after stop()")
 
 
-async def test_slow_reader_closed_1013_and_loses_nothing(
-    servers: Servers, make_config: MakeConfig, clients: Clients
-) -> None:
-    srv = await servers.start(make_config(outbox_limit=5, send_burst=1000))
-    alice = await clients.connect(srv, "alice")
+async def _stalled_bob(srv: Server, clients: Clients) -> tuple[RawConn, Session]:
+    """bob on a connection that stopped reading, and his session on the server."""
     # a reader that stops reading: small receive buffer, a queue of one frame
     slow = await clients.raw(srv, max_queue=1, rcvbuf=4096)
     await slow.hello(srv.ctx.auth.mint("bob"))
@@ -195,6 +193,15 @@ async def test_slow_reader_closed_1013_and_loses_nothing(
     (session,) = [s for s in srv.hub.sessions() if s.user == "bob"]
     sock = session.ws.transport.get_extra_info("socket")
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    return slow, session
+
+
+async def test_slow_reader_closed_1013_and_loses_nothing(
+    servers: Servers, make_config: MakeConfig, clients: Clients
+) -> None:
+    srv = await servers.start(make_config(outbox_limit=5, send_burst=1000))
+    alice = await clients.connect(srv, "alice")
+    slow, _session = await _stalled_bob(srv, clients)
 
     body = "z" * (16 * 1024)
     n = 40
@@ -213,3 +220,36 @@ async def test_slow_reader_closed_1013_and_loses_nothing(
     rest = [f["cur"] for f in bob.frames if f["t"] == "msg"]
     assert seen + rest == list(range(1, n + 1))
     assert [f["cmid"] for f in bob.frames if f["t"] == "msg"][-1] == f"c{n - 1}"
+
+
+async def test_frames_written_at_once_and_queued_keep_one_order(
+    servers: Servers, make_config: MakeConfig, clients: Clients
+) -> None:
+    """An idle session writes a frame at once; while its socket is full it queues them
+    for the writer task; when the socket drains it writes at once again. One order."""
+    srv = await servers.start(make_config(send_burst=1000))
+    alice = await clients.connect(srv, "alice")
+    slow, session = await _stalled_bob(srv, clients)
+
+    body = "z" * (16 * 1024)
+    n = 0
+    while not session.ws.paused:  # until the socket's buffer is above its high mark
+        n += 1
+        assert n <= 200, "the socket never filled"
+        await alice.send("bob", body, cmid=f"c{n}")
+    queued_from = n + 1
+    for _ in range(5):
+        n += 1
+        await alice.send("bob", body, cmid=f"c{n}")
+    assert session._outbox or session._waiter is None  # the later ones wait for the writer
+    slow.start_reading()
+    await slow.wait_until(lambda fs: sum(f["t"] == "msg" for f in fs) >= n)
+    assert not session.ws.paused and session._waiter is not None  # idle again
+    for _ in range(3):  # written at once again
+        n += 1
+        await alice.send("bob", "small", cmid=f"c{n}")
+    await slow.wait_until(lambda fs: sum(f["t"] == "msg" for f in fs) >= n)
+    msgs = [f for f in slow.frames if f["t"] == "msg"]
+    assert [f["cur"] for f in msgs] == list(range(1, n + 1))
+    assert [f["cmid"] for f in msgs] == [f"c{i}" for i in range(1, n + 1)]
+    assert queued_from > 1
