@@ -31,7 +31,7 @@ class Config:
     jwt_algorithms: tuple[str, ...] = ("HS256",)
     group_commit: bool = True
     max_batch: int = 256
-    commit_window_ms: float = 1.0
+    commit_window_ms: float = 5.0
     ping_interval: float = 20.0
     ping_timeout: float = 20.0
     outbox_limit: int = 2000
@@ -97,7 +97,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("jwt_algorithms", _algs, "accepted JWT algorithms, comma separated"),
     Option("group_commit", _bool, "batch concurrent writes into one transaction"),
     Option("max_batch", int, "most writes in one group commit"),
-    Option("commit_window_ms", float, "ms a group commit waits for more writes to join it"),
+    Option("commit_window_ms", float, "ms between the starts of two group commits at least"),
     Option("ping_interval", float, "seconds between WebSocket pings"),
     Option("ping_timeout", float, "seconds to wait for a pong before closing"),
     Option("outbox_limit", int, "frames queued per connection before closing it 1013"),

@@ -6,8 +6,11 @@ One writer task owns every write. `send()` / `mark()` queue an op with a
 future and await it (`send_soon()` / `mark_soon()` return that future). The
 writer takes the first op, drains the ops already queued (up to `max_batch`),
 runs them all in ONE transaction, commits, then resolves the futures in queue
-order. The number of statements per batch does
-not grow with its size (executemany for the rows):
+order. It starts a transaction at most once per `commit_window`: an op that
+finds the writer idle for a whole window is committed at once (no added
+latency when the load is light), while under load the ops of each window share
+one transaction (fewer commits: less CPU and disk per message). The number of
+statements per batch does not grow with its size (executemany for the rows):
 
 1. (marks only) read the marking users' member rows, to learn the peers;
 2. lock the `users` rows of everyone involved, sorted by id (PostgreSQL:
@@ -43,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import sqlite3
 from collections.abc import AsyncIterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -245,9 +249,10 @@ class SqlStore:
 
     `url`: anything `storage.urls.normalize_url` accepts. `group_commit=False`
     runs one op per transaction (for benchmarks). `max_batch`: ops per
-    transaction at most. `commit_window`: seconds to wait for more ops to join a
-    batch (0: commit as soon as the writer is free). `pool_size`: connections for
-    reads (the writer has its own single connection).
+    transaction at most. `commit_window`: seconds between the starts of two
+    transactions at least (0: commit as soon as the writer is free); ops that
+    arrive in between join the next one. `pool_size`: connections for reads (the
+    writer has its own single connection).
     """
 
     def __init__(
@@ -265,8 +270,9 @@ class SqlStore:
         self.group_commit = group_commit
         self.max_batch = max_batch if group_commit else 1
         self.commit_window = commit_window if group_commit else 0.0
-        """Seconds the writer waits after a batch's first write for more to join it
-        (PostgreSQL's commit_delay): fewer, larger transactions under load."""
+        """Seconds between the starts of two transactions at least: under load the
+        writes of a window share one transaction; after an idle window a write
+        is committed at once."""
         self.pool_size = pool_size
         self._sqlite = self.url.startswith("sqlite")
         self._reader: AsyncEngine | None = None
@@ -407,14 +413,20 @@ class SqlStore:
 
     async def _writer(self) -> None:
         queue = self._queue
+        loop = asyncio.get_running_loop()
         stop = False
+        started = -math.inf
         while not stop:
             first = await queue.get()
             if first is None:
                 break
             batch: list[_Op] = [first]
-            if self.commit_window > 0.0 and queue.qsize() < self.max_batch:
-                await asyncio.sleep(self.commit_window)
+            # Paced: one transaction per window at most; the ops of the rest of the
+            # window join this one. After an idle window, `wait` <= 0: no delay.
+            wait = started + self.commit_window - loop.time()
+            if wait > 0.0 and queue.qsize() < self.max_batch:
+                await asyncio.sleep(wait)
+            started = loop.time()
             while len(batch) < self.max_batch:
                 try:
                     nxt = queue.get_nowait()

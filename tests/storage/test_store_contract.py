@@ -371,6 +371,32 @@ async def test_group_commit_off(store_url: str) -> None:
         await s.close()
 
 
+async def test_commit_window_paces_transactions(store_url: str) -> None:
+    """A write that finds the writer idle commits at once, whatever the window; writes
+    that arrive while a window runs share the next transaction."""
+    idle = SqlStore(store_url, commit_window=60.0)
+    await idle.open()
+    try:
+        async with asyncio.timeout(10):  # a delay of a whole window would time out
+            await send(idle, "alice", "bob", "m1")
+    finally:
+        await idle.close()
+
+    s = SqlStore(store_url, commit_window=1.0)
+    await s.open()
+    try:
+        await send(s, "alice", "bob", "m2")  # opens a window
+        batches = s.batches
+        first = asyncio.ensure_future(send(s, "alice", "bob", "m3"))
+        await s.last_cur("alice")  # a read round trip while m3 waits for the window
+        second = asyncio.ensure_future(send(s, "bob", "alice", "m4"))
+        outs = await asyncio.gather(first, second)
+    finally:
+        await s.close()
+    assert [o.message.seq for o in outs] == [3, 4]  # after m1, m2
+    assert s.batches == batches + 1  # one transaction for both
+
+
 async def test_failing_op_does_not_fail_its_batch(store: SqlStore) -> None:
     await send(store, "alice", "bob", "m0")
     conv = conv_id("alice", "bob")
