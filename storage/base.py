@@ -18,6 +18,7 @@ Vocabulary
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ __all__ = [
 MarkKind = Literal["delivered", "read"]
 
 
+@functools.lru_cache(maxsize=16384)
 def conv_id(a: str, b: str) -> str:
     """Deterministic id of the direct conversation of users `a` and `b` (order-free).
 
