@@ -3,9 +3,10 @@
 Two tasks own a connection: the *reader* (this module's `run`) decodes client
 frames and acts on them; the *writer* (`_write_loop`) writes to the socket from
 an ordered outbox. While the writer is idle (the outbox is empty), a frame that
-can go out without waiting is written at once by `_write_at_once`, with the same
-bookkeeping (`_frames_for`), so order is the same either way. Every event of the
-user's stream goes out in `cur` order with no gap and no repeat:
+can go out without waiting is serialised at once by `_write_soon`, with the same
+bookkeeping (`_frames_for`), so order is the same either way; the frames of one
+loop iteration leave in one socket write at its end. Every event of the user's
+stream goes out in `cur` order with no gap and no repeat:
 
 - `_last` is the highest `cur` written on this connection;
 - a live event at `_last + 1` is written; one at or below `_last` is dropped
@@ -106,6 +107,7 @@ class Session:
         "_close_started",
         "_closing",
         "_drained",
+        "_flush_soon",
         "_last",
         "_outbox",
         "_paused",
@@ -139,6 +141,8 @@ class Session:
         """Set while the writer is idle; resolved by the next push."""
         self._drained: asyncio.Future[None] | None = None
         """Set while someone waits for the outbox to be written (before a close)."""
+        self._flush_soon = False
+        """`_flush` is scheduled: frames wait in websockets' buffer until it runs."""
         self._last = 0
         self._pending: dict[str, asyncio.Future[bytes | None]] = {}
         self._written_own: set[int] | None = None
@@ -711,9 +715,9 @@ class Session:
             return
         waiter = self._waiter
         if waiter is not None and not waiter.done():
-            # The writer is idle, so the outbox is empty: write at once when nothing
-            # can make the write wait (no task switch per frame on the hot path).
-            if self._write_at_once(item):
+            # The writer is idle, so the outbox is empty: write without waking it when
+            # nothing can make the write wait (no task switch per frame on the hot path).
+            if self._write_soon(item):
                 return
             self._outbox.append(item)
             waiter.set_result(None)
@@ -725,10 +729,13 @@ class Session:
             self._closing_input()
             self._spawn(self._close(CloseCode.TRY_AGAIN_LATER, "slow reader"))
 
-    def _write_at_once(self, item: Item) -> bool:
-        """Write `item` now, synchronously, when that is exactly what the writer would do
+    def _write_soon(self, item: Item) -> bool:
+        """Serialise `item`'s frames now when that is exactly what the writer would do
         without waiting: the connection is open, the socket's buffer is below its high
-        mark, and no stored event is missing before it. False leaves it to the writer."""
+        mark, and no stored event is missing before it. They join websockets' outgoing
+        buffer, which `_flush` writes (one socket write for every frame of this loop
+        iteration) unless websockets writes it first; both keep its order. False leaves
+        `item` to the writer."""
         ws = self.ws
         if ws.protocol.state is not State.OPEN or ws.paused or ws.transport.is_closing():
             return False
@@ -739,12 +746,26 @@ class Session:
             proto = ws.protocol
             for frame in frames:
                 proto.send_binary(frame)
-            try:
-                ws.transport.write(b"".join(proto.data_to_send()))
-            except Exception as exc:  # the socket is gone: as websockets' send_context does
-                log.info("conn %d: write failed: %s", self.conn_id, type(exc).__name__)
-                ws.transport.abort()
+            if not self._flush_soon:
+                self._flush_soon = True
+                asyncio.get_running_loop().call_soon(self._flush)
         return True
+
+    def _flush(self) -> None:
+        self._flush_soon = False
+        ws = self.ws
+        if ws.transport.is_closing():
+            return  # the socket is gone: the client resumes with `since`
+        try:
+            if ws.protocol.state is State.OPEN:
+                data = ws.protocol.data_to_send()
+                if data:  # else websockets wrote them already
+                    ws.transport.write(b"".join(data))
+            else:
+                ws.send_data()  # closing: websockets' own write (it may half-close)
+        except Exception as exc:  # as websockets' send_context does
+            log.info("conn %d: write failed: %s", self.conn_id, type(exc).__name__)
+            ws.transport.abort()
 
     async def _send_now(self, data: bytes) -> None:
         await self.ws.send(data)

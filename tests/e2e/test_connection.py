@@ -222,11 +222,12 @@ async def test_slow_reader_closed_1013_and_loses_nothing(
     assert [f["cmid"] for f in bob.frames if f["t"] == "msg"][-1] == f"c{n - 1}"
 
 
-async def test_frames_written_at_once_and_queued_keep_one_order(
+async def test_frames_written_directly_and_queued_keep_one_order(
     servers: Servers, make_config: MakeConfig, clients: Clients
 ) -> None:
-    """An idle session writes a frame at once; while its socket is full it queues them
-    for the writer task; when the socket drains it writes at once again. One order."""
+    """An idle session writes a frame without its writer task; while its socket is full
+    it queues them for the writer task; when the socket drains it writes directly
+    again. One order."""
     srv = await servers.start(make_config(send_burst=1000))
     alice = await clients.connect(srv, "alice")
     slow, session = await _stalled_bob(srv, clients)
@@ -245,7 +246,7 @@ async def test_frames_written_at_once_and_queued_keep_one_order(
     slow.start_reading()
     await slow.wait_until(lambda fs: sum(f["t"] == "msg" for f in fs) >= n)
     assert not session.ws.paused and session._waiter is not None  # idle again
-    for _ in range(3):  # written at once again
+    for _ in range(3):  # written directly again
         n += 1
         await alice.send("bob", "small", cmid=f"c{n}")
     await slow.wait_until(lambda fs: sum(f["t"] == "msg" for f in fs) >= n)
