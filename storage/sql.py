@@ -186,6 +186,13 @@ class _PendingMsg:
     event_rows: list[dict[str, Any]] = field(default_factory=list)
 
 
+def _fail_ops(ops: Sequence[_Op], why: str) -> None:
+    """Answer every op of `ops` not answered yet with StorageUnavailable(why)."""
+    for op in ops:
+        if not op.future.done():
+            op.future.set_exception(StorageUnavailable(why))
+
+
 def _encode_body(body: str | bytes) -> tuple[bytes, bool]:
     if isinstance(body, str):
         return body.encode("utf-8"), True
@@ -340,6 +347,7 @@ class SqlStore:
                 await task
             finally:
                 self._writer_task = None
+                self._fail_queued()  # also when this close() is cancelled
         self._fail_queued()
         await self._dispose()
 
@@ -362,13 +370,14 @@ class SqlStore:
                 op = self._queue.get_nowait()
             except asyncio.QueueEmpty:
                 return
-            if op is not None and not op.future.done():
-                op.future.set_exception(StorageUnavailable("store closed"))
+            if op is not None:
+                _fail_ops([op], "store closed")
 
     # ------------------------------------------------------------------- writes
 
     def _submit(self, op: _Op) -> None:
-        if self._writer_task is None or self._closing:
+        task = self._writer_task
+        if task is None or self._closing or task.done():
             raise StorageUnavailable("store is not open")
         self._queue.put_nowait(op)
 
@@ -425,7 +434,11 @@ class SqlStore:
             # window join this one. After an idle window, `wait` <= 0: no delay.
             wait = started + self.commit_window - loop.time()
             if wait > 0.0 and queue.qsize() < self.max_batch:
-                await asyncio.sleep(wait)
+                try:
+                    await asyncio.sleep(wait)
+                except asyncio.CancelledError:
+                    _fail_ops(batch, "store closed")  # taken out of the queue already
+                    raise
             started = loop.time()
             while len(batch) < self.max_batch:
                 try:
@@ -441,6 +454,7 @@ class SqlStore:
     async def _run_batch(self, batch: list[_Op]) -> None:
         results: list[object] = []
         error: BaseException | None = None
+        cancelled = False
         for attempt in range(_RETRIES):
             try:
                 results = await self._commit_batch(batch)
@@ -448,6 +462,7 @@ class SqlStore:
                 break
             except asyncio.CancelledError:
                 error = StorageUnavailable("store closed")
+                cancelled = True
                 break
             except Exception as exc:
                 error = exc
@@ -461,11 +476,10 @@ class SqlStore:
                 log.warning("storage batch of %d failed: %s", len(batch), type(error).__name__)
             else:
                 log.exception("storage batch of %d failed unexpectedly", len(batch), exc_info=error)
-            for op in batch:
-                if not op.future.done():
-                    op.future.set_exception(
-                        StorageUnavailable(f"transaction failed: {type(error).__name__}")
-                    )
+            if cancelled:  # the writer is being stopped: answer the batch, then stop
+                _fail_ops(batch, "store closed")
+                raise asyncio.CancelledError
+            _fail_ops(batch, f"transaction failed: {type(error).__name__}")
             return
         self.batches += 1
         self.batched_ops += len(batch)

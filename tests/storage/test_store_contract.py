@@ -397,6 +397,43 @@ async def test_commit_window_paces_transactions(store_url: str) -> None:
     assert s.batches == batches + 1  # one transaction for both
 
 
+async def test_write_after_an_idle_window_commits_at_once(store_url: str) -> None:
+    """Not only the store's first write: any write that finds the writer idle for a
+    whole window. (The idle time is what is tested, so this test sleeps through it.)"""
+    s = SqlStore(store_url, commit_window=1.0)
+    await s.open()
+    try:
+        await send(s, "alice", "bob", "m1")
+        await asyncio.sleep(1.05)
+        async with asyncio.timeout(0.8):  # a wait for a window would take 1 s
+            await send(s, "alice", "bob", "m2")
+    finally:
+        await s.close()
+
+
+async def test_close_cancelled_while_the_writer_waits_answers_every_write(
+    store_url: str,
+) -> None:
+    """close() cancelled (a shutdown timeout) while the writer holds a write and waits
+    for its window: that write and the queued ones are answered, none hangs."""
+    s = SqlStore(store_url, commit_window=60.0)
+    await s.open()
+    await send(s, "alice", "bob", "m1")  # opens a window
+    held = s.send_soon("alice", "bob", "m2", "hi", "text", TS)
+    await asyncio.sleep(0)  # the writer takes it (its wake-up was scheduled first)
+    assert s._queue.qsize() == 0
+    closing = asyncio.ensure_future(s.close())
+    await asyncio.sleep(0)  # close() now waits for the writer
+    closing.cancel()
+    await asyncio.gather(closing, return_exceptions=True)
+    async with asyncio.timeout(5):
+        with pytest.raises(StorageUnavailable):
+            await held
+    with pytest.raises(StorageUnavailable):
+        s.send_soon("alice", "bob", "m3", "hi", "text", TS)  # the writer is gone
+    await s.close()
+
+
 async def test_failing_op_does_not_fail_its_batch(store: SqlStore) -> None:
     await send(store, "alice", "bob", "m0")
     conv = conv_id("alice", "bob")
