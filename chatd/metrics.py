@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import math
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from storage.sql import SqlStore
 
 __all__ = ["Metrics"]
 
@@ -48,9 +53,9 @@ class Metrics:
             registry=r,
         )
 
-    def watch_store(self, batches: Callable[[], tuple[int, int]]) -> None:
-        """Export the store's group-commit counters: `batches()` -> (transactions, ops)."""
-        self.registry.register(_StoreCollector(batches))
+    def watch_store(self, store: SqlStore) -> None:
+        """Export the store's group-commit counters, read at scrape time."""
+        self.registry.register(_StoreCollector(store))
 
     def frame_in(self, t: str) -> None:
         """Count a client frame (labelled children resolved once: this runs per frame)."""
@@ -63,14 +68,26 @@ class Metrics:
 class _StoreCollector(Collector):
     """Read at scrape time: the store counts its batches itself (on its writer)."""
 
-    def __init__(self, batches: Callable[[], tuple[int, int]]) -> None:
-        self._batches = batches
+    def __init__(self, store: SqlStore) -> None:
+        self._store = store
 
-    def collect(self) -> Iterator[CounterMetricFamily]:
-        txs, ops = self._batches()
+    def collect(self) -> Iterator[Metric]:
+        store = self._store
+        txs, ops, sizes = store.batches, store.batched_ops, list(store.batch_sizes)
         yield CounterMetricFamily(
             "chatd_storage_batches", "Group-commit transactions committed", value=txs
         )
         yield CounterMetricFamily(
             "chatd_storage_batched_ops", "Writes (sends and marks) in those transactions", value=ops
+        )
+        buckets: list[tuple[str, float]] = []
+        seen = 0
+        for bound, n in zip((*store.BATCH_SIZE_BOUNDS, math.inf), sizes, strict=True):
+            seen += n
+            buckets.append(("+Inf" if bound == math.inf else str(bound), seen))
+        yield HistogramMetricFamily(
+            "chatd_storage_batch_ops",
+            "Writes per group-commit transaction (tune --commit-window-ms with it)",
+            buckets=buckets,
+            sum_value=ops,
         )

@@ -78,7 +78,7 @@ class Server:
 
         sql = self.store
         if isinstance(sql, SqlStore):
-            self.metrics.watch_store(lambda: (sql.batches, sql.batched_ops))
+            self.metrics.watch_store(sql)
         self.ctx = Context(
             config, self.store, self.broker, self.hub, authenticator_for(config), self.metrics
         )

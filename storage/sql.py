@@ -44,6 +44,7 @@ retried a few times first.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import math
@@ -51,7 +52,7 @@ import sqlite3
 from collections.abc import AsyncIterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Literal, cast
+from typing import Any, ClassVar, Literal, cast
 
 from sqlalchemy import (
     ColumnElement,
@@ -262,6 +263,9 @@ class SqlStore:
     writer has its own single connection).
     """
 
+    BATCH_SIZE_BOUNDS: ClassVar[tuple[int, ...]] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+    """Upper bounds of the buckets of `batch_sizes` (ops per transaction)."""
+
     def __init__(
         self,
         url: str,
@@ -295,6 +299,9 @@ class SqlStore:
         #: Counters for metrics / tests: batches committed, ops in them.
         self.batches = 0
         self.batched_ops = 0
+        self.batch_sizes = [0] * (len(self.BATCH_SIZE_BOUNDS) + 1)
+        """Committed transactions by their number of ops: `batch_sizes[i]` counts those
+        with BATCH_SIZE_BOUNDS[i-1] < ops <= BATCH_SIZE_BOUNDS[i] (the last: above all)."""
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -483,6 +490,7 @@ class SqlStore:
             return
         self.batches += 1
         self.batched_ops += len(batch)
+        self.batch_sizes[bisect.bisect_left(self.BATCH_SIZE_BOUNDS, len(batch))] += 1
         for op, res in zip(batch, results, strict=True):
             if op.future.done():
                 continue

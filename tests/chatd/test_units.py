@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import json
 import time
@@ -236,3 +237,41 @@ async def test_hub_keeps_a_users_rate_limits_across_reconnects(
     assert "alice" not in hub._resting
     fresh = await hub.attach(_FakeSession("alice"))  # type: ignore[arg-type]
     assert fresh is not again and fresh.sends.take(clock[0]) == 0.0
+
+
+async def test_metrics_export_the_group_commit_batch_sizes(tmp_path: Path) -> None:
+    from prometheus_client import generate_latest
+
+    from chatd.metrics import Metrics
+    from storage.migrate import upgrade_async
+    from storage.sql import SqlStore
+    from storage.urls import normalize_url
+
+    url = normalize_url(str(tmp_path / "m.db"))
+    await upgrade_async(url)
+    store = SqlStore(url, commit_window=0.2)
+    metrics = Metrics()
+    metrics.watch_store(store)
+    await store.open()
+    try:
+        await store.send("alice", "bob", "c0", "hi", "text", 1)  # idle writer: alone
+        # three sends inside the window share one transaction
+        await asyncio.gather(
+            *(store.send("alice", "bob", f"c{i}", "hi", "text", 1) for i in (1, 2, 3))
+        )
+    finally:
+        await store.close()
+    text = generate_latest(metrics.registry).decode()
+    samples = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("chatd_storage_batch")
+    }
+    assert samples['chatd_storage_batch_ops_bucket{le="1"}'] == 1
+    assert samples['chatd_storage_batch_ops_bucket{le="2"}'] == 1
+    assert samples['chatd_storage_batch_ops_bucket{le="4"}'] == 2
+    assert samples['chatd_storage_batch_ops_bucket{le="+Inf"}'] == 2
+    assert samples["chatd_storage_batch_ops_count"] == 2
+    assert samples["chatd_storage_batch_ops_sum"] == 4
+    assert samples["chatd_storage_batches_total"] == 2
+    assert samples["chatd_storage_batched_ops_total"] == 4
