@@ -73,7 +73,8 @@ class _StoreCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         store = self._store
-        txs, ops, sizes = store.batches, store.batched_ops, list(store.batch_sizes)
+        ops, sizes = store.batched_ops, list(store.batch_sizes)
+        txs = sum(sizes)
         yield CounterMetricFamily(
             "chatd_storage_batches", "Group-commit transactions committed", value=txs
         )

@@ -296,12 +296,16 @@ class SqlStore:
         self._queue: asyncio.Queue[_Op | None] = asyncio.Queue()
         self._writer_task: asyncio.Task[None] | None = None
         self._closing = False
-        #: Counters for metrics / tests: batches committed, ops in them.
-        self.batches = 0
+        #: Counters for metrics / tests: ops in the committed batches, and the batches
+        #: by size: `batch_sizes[i]` counts those with
+        #: BATCH_SIZE_BOUNDS[i-1] < ops <= BATCH_SIZE_BOUNDS[i] (the last: above all).
         self.batched_ops = 0
         self.batch_sizes = [0] * (len(self.BATCH_SIZE_BOUNDS) + 1)
-        """Committed transactions by their number of ops: `batch_sizes[i]` counts those
-        with BATCH_SIZE_BOUNDS[i-1] < ops <= BATCH_SIZE_BOUNDS[i] (the last: above all)."""
+
+    @property
+    def batches(self) -> int:
+        """Batches (transactions) committed."""
+        return sum(self.batch_sizes)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -488,7 +492,6 @@ class SqlStore:
                 raise asyncio.CancelledError
             _fail_ops(batch, f"transaction failed: {type(error).__name__}")
             return
-        self.batches += 1
         self.batched_ops += len(batch)
         self.batch_sizes[bisect.bisect_left(self.BATCH_SIZE_BOUNDS, len(batch))] += 1
         for op, res in zip(batch, results, strict=True):
