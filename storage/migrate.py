@@ -10,6 +10,8 @@ file's own lock serialises writers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from alembic import command
@@ -91,27 +93,27 @@ async def upgrade_async(url: str) -> None:
     path = sqlite_path(norm)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-    engine = create_async_engine(norm)
-    try:
-        async with engine.connect() as conn:
-            await _with_lock(conn, norm)
-    except Exception as exc:
-        if is_driver_error(exc):
-            raise StorageUnavailable(f"migration failed: {type(exc).__name__}") from exc
-        raise
-    finally:
-        await engine.dispose()
+    async with _connected(norm, "migration failed") as conn:
+        await _with_lock(conn, norm)
 
 
 async def current_revision_async(url: str) -> str | None:
     """The revision the database at `url` is at (None when never migrated)."""
-    engine = create_async_engine(normalize_url(url))
+    async with _connected(normalize_url(url), "cannot read revision") as conn:
+        return await conn.run_sync(_current_sync)
+
+
+@contextlib.asynccontextmanager
+async def _connected(url: str, failure: str) -> AsyncIterator[AsyncConnection]:
+    """A connection on a one-off engine (disposed after); a driver error is raised as
+    StorageUnavailable("<failure>: <error type>")."""
+    engine = create_async_engine(url)
     try:
         async with engine.connect() as conn:
-            return await conn.run_sync(_current_sync)
+            yield conn
     except Exception as exc:
         if is_driver_error(exc):
-            raise StorageUnavailable(f"cannot read revision: {type(exc).__name__}") from exc
+            raise StorageUnavailable(f"{failure}: {type(exc).__name__}") from exc
         raise
     finally:
         await engine.dispose()
