@@ -178,6 +178,21 @@ async def wait_close_code(client: ChatClient, timeout: float = TIMEOUT) -> int |
     return None if rcvd is None else int(rcvd.code)
 
 
+async def send_in_groups(raw: RawConn, to: str, n: int, group: int, timeout: float) -> None:
+    """Send n messages (cmid `c0`...) to `to`, `group` at a time: each group pipelined,
+    the next one sent when every `sent` of the last has come back."""
+    for i in range(0, n, group):
+        await asyncio.gather(
+            *(
+                raw.request(
+                    {"t": "send", "id": j, "to": to, "cmid": f"c{j}", "body": "x"},
+                    timeout=timeout,
+                )
+                for j in range(i, min(n, i + group))
+            )
+        )
+
+
 async def collect(
     client: ChatClient,
     n: int,

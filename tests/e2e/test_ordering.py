@@ -9,7 +9,7 @@ from typing import Any
 from chatd.server import Server
 
 from .conftest import Clients, MakeConfig, Servers
-from .helpers import RawConn, is_t
+from .helpers import RawConn, is_t, send_in_groups
 
 STREAM = ("msg", "receipt", "sent")
 
@@ -154,19 +154,7 @@ async def test_cur_order_with_marks_racing_sends(srv: Server, clients: Clients) 
             r = await b.request({"t": kind, "id": f"m{seq}", "conv": m["conv"], "upto": seq})
             assert r == {"t": "ok", "id": f"m{seq}"}
 
-    async def alice_sends() -> None:
-        for i in range(0, n, 4):
-            await asyncio.gather(
-                *(
-                    a.request(
-                        {"t": "send", "id": j, "to": "bob", "cmid": f"c{j}", "body": "x"},
-                        timeout=10,
-                    )
-                    for j in range(i, i + 4)
-                )
-            )
-
-    await asyncio.gather(bob_marks(), alice_sends())
+    await asyncio.gather(bob_marks(), send_in_groups(a, "bob", n, 4, timeout=10))
     last_a = await srv.store.last_cur("alice")
     last_b = await srv.store.last_cur("bob")
     assert last_a == last_b == 2 * n  # n messages and n receipts in each stream

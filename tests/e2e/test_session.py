@@ -12,7 +12,7 @@ from protocol import encode_map
 from storage.base import StorageUnavailable
 
 from .conftest import Clients, MakeConfig, Servers, ws_url
-from .helpers import RawConn, is_t
+from .helpers import RawConn, is_t, send_in_groups
 
 
 async def test_handshake_details(srv: Server, clients: Clients) -> None:
@@ -88,18 +88,6 @@ async def test_reconnecting_with_since_under_live_traffic_loses_nothing(
     alice = await clients.raw_hello(srv, "alice")
     n = 150
 
-    async def sender() -> None:
-        for i in range(0, n, 5):
-            await asyncio.gather(
-                *(
-                    alice.request(
-                        {"t": "send", "id": j, "to": "bob", "cmid": f"c{j}", "body": "x"},
-                        timeout=20,
-                    )
-                    for j in range(i, min(n, i + 5))
-                )
-            )
-
     async def reader(device: str) -> list[int]:
         processed: list[int] = []
         since: int | None = None
@@ -122,7 +110,9 @@ async def test_reconnecting_with_since_under_live_traffic_loses_nothing(
                 since = got[-1]
         return processed
 
-    results = await asyncio.gather(sender(), reader("d1"), reader("d2"))
+    results = await asyncio.gather(
+        send_in_groups(alice, "bob", n, 5, timeout=20), reader("d1"), reader("d2")
+    )
     for seen in results[1:]:
         assert seen is not None
         # nothing is marked delivered: the first (no since) catch-up starts at 1
