@@ -22,7 +22,7 @@ from chatd.hub import Hub, TooManyConnections
 from chatd.ratelimit import TokenBucket
 from protocol import Limits
 
-SECRET = "k" * 32
+SECRET = "k" * 64  # long enough for HS512 too (the alg-not-allowed case signs with it)
 
 # ----------------------------------------------------------------- broker contract
 
