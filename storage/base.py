@@ -33,6 +33,7 @@ __all__ = [
     "ReceiptRecord",
     "SendOutcome",
     "StorageError",
+    "StorageRejected",
     "StorageUnavailable",
     "Store",
     "StoredMessage",
@@ -60,6 +61,12 @@ class StorageError(Exception):
 
 class StorageUnavailable(StorageError):
     """The database cannot be reached or the transaction failed: nothing was stored."""
+
+
+class StorageRejected(StorageError):
+    """The database refused this one write (its data, not the database's health):
+    nothing of it was stored, and the writes that shared its transaction were
+    committed without it. Retrying it unchanged fails again: a server fault."""
 
 
 class NotAMember(StorageError):

@@ -35,10 +35,13 @@ multi-row statement per table and chunk (INSERT ... VALUES, UPDATE ... FROM
 VALUES), with the message ids assigned by the writer, which is the only one.
 
 A validation failure of one op (NotAMember, UptoTooHigh) is decided in step 5
-and fails only that op. A failed transaction fails every op of the batch with
-StorageUnavailable (nothing was stored) and the writer goes on with the next
-batch. A PostgreSQL deadlock / serialization failure / lost unique race is
-retried a few times first.
+and fails only that op. A transaction that fails because the database refused a
+value (`storage.errors.is_data_error`: SQLSTATE class 22/23, an int over 64 bits,
+...) is run again one op per transaction, so that only the refused op fails
+(StorageRejected) and one bad write never fails its neighbours. Any other failed
+transaction fails every op of the batch with StorageUnavailable (nothing was
+stored) and the writer goes on with the next batch. A PostgreSQL deadlock /
+serialization failure / lost unique race is retried a few times first.
 """
 
 from __future__ import annotations
@@ -76,13 +79,14 @@ from storage.base import (
     ReceiptRecord,
     SendOutcome,
     StorageError,
+    StorageRejected,
     StorageUnavailable,
     StoredMessage,
     UptoTooHigh,
     conv_id,
 )
 from storage.batch_io import BatchIO, PostgresIO, SqliteCache, SqliteIO
-from storage.errors import RETRYABLE_SQLSTATES, is_driver_error, sqlstate
+from storage.errors import RETRYABLE_SQLSTATES, is_data_error, is_driver_error, sqlstate
 from storage.schema import convs, events, members, messages, users
 from storage.urls import normalize_url, sqlite_path
 
@@ -192,6 +196,15 @@ def _fail_ops(ops: Sequence[_Op], why: str) -> None:
     for op in ops:
         if not op.future.done():
             op.future.set_exception(StorageUnavailable(why))
+
+
+def _reject_ops(ops: Sequence[_Op], error: BaseException) -> None:
+    """Answer every op of `ops` not answered yet with StorageRejected (its data was refused)."""
+    for op in ops:
+        if not op.future.done():
+            rejected = StorageRejected(f"the database refused the write: {type(error).__name__}")
+            rejected.__cause__ = error
+            op.future.set_exception(rejected)
 
 
 def _encode_body(body: str | bytes) -> tuple[bytes, bool]:
@@ -483,13 +496,23 @@ class SqlStore:
                     continue
                 break
         if error is not None:
-            if is_driver_error(error) or isinstance(error, StorageUnavailable):
+            if (
+                is_driver_error(error)
+                or isinstance(error, StorageUnavailable)
+                or is_data_error(error)
+            ):
                 log.warning("storage batch of %d failed: %s", len(batch), type(error).__name__)
             else:
                 log.exception("storage batch of %d failed unexpectedly", len(batch), exc_info=error)
             if cancelled:  # the writer is being stopped: answer the batch, then stop
                 _fail_ops(batch, "store closed")
                 raise asyncio.CancelledError
+            if is_data_error(error):
+                if len(batch) > 1:
+                    await self._run_alone(batch)
+                else:
+                    _reject_ops(batch, error)
+                return
             _fail_ops(batch, f"transaction failed: {type(error).__name__}")
             return
         self.batched_ops += len(batch)
@@ -501,6 +524,20 @@ class SqlStore:
                 op.future.set_exception(res)
             else:
                 op.future.set_result(res)  # type: ignore[arg-type]
+
+    async def _run_alone(self, batch: list[_Op]) -> None:
+        """The database refused a value of `batch`: one transaction per op, in queue
+        order, so that only the op it refuses fails (StorageRejected) and the others
+        are stored as if their batch had been committed."""
+        log.warning(
+            "storage batch of %d refused a value: committing its writes one by one", len(batch)
+        )
+        for i, op in enumerate(batch):
+            try:
+                await self._run_batch([op])
+            except asyncio.CancelledError:
+                _fail_ops(batch[i + 1 :], "store closed")
+                raise
 
     async def _commit_batch(self, batch: Sequence[_Op]) -> list[object]:
         """One transaction for the batch. SQLite: the whole transaction in one hop to the

@@ -18,6 +18,7 @@ from storage.base import (
     Event,
     NotAMember,
     SendOutcome,
+    StorageRejected,
     StorageUnavailable,
     UptoTooHigh,
     conv_id,
@@ -457,6 +458,36 @@ async def test_failing_op_does_not_fail_its_batch(store: SqlStore) -> None:
     assert not isinstance(mark, BaseException)
     assert mark.receipt is not None and mark.receipt.upto == 2  # sees m1 of the same batch
     assert_contiguous([e.cur for e in await all_events(store, "bob")])
+
+
+async def test_a_value_the_database_refuses_fails_only_its_own_op(store: SqlStore) -> None:
+    """One write the database refuses (here a `ts` over 64 bits: SQLite's driver and
+    PostgreSQL both refuse it) fails alone, with StorageRejected; the writes that shared
+    its transaction are stored in queue order, numbered as if it had never been sent."""
+    await send(store, "alice", "bob", "m0")
+    conv = conv_id("alice", "bob")
+    results = await asyncio.gather(
+        send(store, "alice", "bob", "m1"),
+        store.send("bob", "alice", "bad", "x", "text", 2**70),
+        store.mark("bob", conv, "read", 2, TS),
+        send(store, "bob", "alice", "m2"),
+        send(store, "alice", "bob", "m1"),  # a dup of the first, in the same batch
+        return_exceptions=True,
+    )
+    m1, bad, mark, m2, dup = results
+    assert isinstance(bad, StorageRejected)
+    assert isinstance(m1, SendOutcome) and m1.message.seq == 2 and not m1.dup
+    assert not isinstance(mark, BaseException)
+    assert mark.receipt is not None and mark.receipt.upto == 2
+    assert isinstance(m2, SendOutcome) and m2.message.seq == 3
+    assert isinstance(dup, SendOutcome) and dup.dup and dup.message == m1.message
+    assert await store.find_sent("bob", "bad") is None
+    for user in ("alice", "bob"):
+        assert_contiguous([e.cur for e in await all_events(store, user)])
+    page = await store.history("alice", "bob", None, 10)
+    assert [m.cmid for m in page.messages] == ["m2", "m1", "m0"]  # newest first
+    again = await send(store, "bob", "alice", "m3")  # the writer goes on
+    assert again.message.seq == 4
 
 
 async def test_close_finishes_queued_writes(store_url: str) -> None:
