@@ -510,12 +510,22 @@ class Session:
     def _start_send(self, f: Send) -> None:
         """Queue a send in the store; `_send_done` answers it (no task per message)."""
         ctx = self.ctx
-        if f.to == self.user:
-            raise FrameError(ErrorCode.BAD_REQUEST, "cannot send to yourself")
         assert self._state is not None
         wait = self._state.sends.take(time.monotonic())
+        refused: FrameError | None = None
         if wait > 0.0:
-            self._spawn(self._guard(f.id, self._send_limited(f, wait)))
+            refused = FrameError(
+                ErrorCode.RATE_LIMITED,
+                "too many messages; retry later",
+                retry_ms=max(1, math.ceil(wait * 1000)),
+            )
+        elif f.to == self.user:
+            refused = FrameError(ErrorCode.BAD_REQUEST, "cannot send to yourself")
+        if refused is not None:
+            # A self-send took a token (a flood of them is limited like sends); a retry
+            # of a stored message gives it back, as any duplicate does.
+            took = wait <= 0.0
+            self._spawn(self._guard(f.id, self._dup_or_refuse(f, refused, took)))
             return
         pend: asyncio.Future[bytes | None] | None = None
         if f.cmid not in self._pending:
@@ -531,15 +541,16 @@ class Session:
         started = time.perf_counter()
         fut.add_done_callback(lambda done: self._send_done(f, pend, started, done))
 
-    async def _send_limited(self, f: Send, wait: float) -> None:
-        """Over the send rate: a retry of a stored message still gets its `sent`."""
+    async def _dup_or_refuse(self, f: Send, refused: FrameError, took: bool) -> None:
+        """A send refused here (over the send rate, or to oneself): a retry of a stored
+        (sender, cmid) still gets the original `sent` with `dup`, whatever its `to` and
+        body now; any other send gets `refused`. `took`: it used up a rate token."""
         prior = await self.ctx.store.find_sent(self.user, f.cmid)
         if prior is None:
-            raise FrameError(
-                ErrorCode.RATE_LIMITED,
-                "too many messages; retry later",
-                retry_ms=max(1, math.ceil(wait * 1000)),
-            )
+            raise refused
+        if took:
+            assert self._state is not None
+            self._state.sends.refund()
         self.ctx.metrics.duplicates.inc()
         self._reply(_sent(f.id, prior.message, prior.sender_cur, dup=True))
 

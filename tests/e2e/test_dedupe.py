@@ -79,3 +79,20 @@ async def test_a_duplicate_costs_no_rate(
         assert isinstance(again, Sent) and again.dup and again.mid == first.mid
     second = await alice.send("bob", "two", cmid="r-2", retries=0)
     assert second.dup is False and second.seq == first.seq + 1
+
+
+async def test_a_retry_sent_to_oneself_still_gets_the_original(
+    srv: Server, clients: Clients
+) -> None:
+    """ "whatever its `to` and `body`": a stored cmid resent with `to` = the sender
+    itself is answered as the dup it is; a new cmid sent to oneself is bad_request."""
+    alice = await clients.raw_hello(srv, "alice")
+    first = await alice.request({"t": "send", "id": 1, "to": "bob", "cmid": "c", "body": "x"})
+    assert first["t"] == "sent" and not first.get("dup")
+    again = await alice.request({"t": "send", "id": 2, "to": "alice", "cmid": "c", "body": "y"})
+    assert again["t"] == "sent" and again["dup"] is True
+    assert (again["mid"], again["seq"], again["cur"]) == (first["mid"], first["seq"], first["cur"])
+    err = await alice.request({"t": "send", "id": 3, "to": "alice", "cmid": "new", "body": "y"})
+    assert err["t"] == "error" and err["code"] == "bad_request" and err["id"] == 3
+    assert await srv.store.find_sent("alice", "new") is None
+    assert await srv.store.last_cur("alice") == 1
