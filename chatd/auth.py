@@ -24,8 +24,10 @@ class Authenticator:
     """Verifies and mints tokens. `alg: none` and any algorithm not listed are refused."""
 
     def __init__(
-        self, secret: str, algorithms: Sequence[str] = ("HS256",), leeway: float = 5.0
+        self, secret: str, algorithms: Sequence[str] = ("HS256",), leeway: float = 0.0
     ) -> None:
+        """`leeway`: seconds a token is still accepted after its `exp` (clock skew between
+        the token's issuer and this server); 0: an expired token is refused at once."""
         if not secret:
             raise ConfigError("the JWT secret is empty")
         if any(a.lower() == "none" for a in algorithms):

@@ -29,6 +29,8 @@ class Config:
     jwt_secret: str = ""
     jwt_secret_file: str = ""
     jwt_algorithms: tuple[str, ...] = ("HS256",)
+    jwt_leeway: float = 0.0
+    """Seconds a token is still accepted after its `exp` (clock skew of its issuer)."""
     group_commit: bool = True
     max_batch: int = 256
     commit_window_ms: float = 5.0
@@ -95,6 +97,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("jwt_secret", str, "HS256 secret (unset: a generated file beside the database)"),
     Option("jwt_secret_file", str, "file holding the JWT secret (created if missing)"),
     Option("jwt_algorithms", _algs, "accepted JWT algorithms, comma separated"),
+    Option("jwt_leeway", float, "seconds a token stays valid after its exp (clock skew)"),
     Option("group_commit", _bool, "batch concurrent writes into one transaction"),
     Option("max_batch", int, "most writes in one group commit"),
     Option("commit_window_ms", float, "ms between the starts of two group commits at least"),
@@ -160,6 +163,8 @@ def _check(cfg: Config) -> None:
     for f in fields(Limits):
         if getattr(cfg.limits, f.name) <= 0:
             raise ConfigError(f"limit {f.name} must be positive")
+    if not 0.0 <= cfg.jwt_leeway <= 300.0:
+        raise ConfigError("jwt_leeway must be between 0 and 300 seconds")
     if cfg.gc_young < 0:
         raise ConfigError("gc_young must be 0 or more")
     if not 0.0 <= cfg.commit_window_ms <= 100.0:

@@ -45,7 +45,7 @@ class Context:
 
 def authenticator_for(config: Config) -> Authenticator:
     secret = config.jwt_secret or load_or_create_secret(config.secret_path())
-    return Authenticator(secret, config.jwt_algorithms)
+    return Authenticator(secret, config.jwt_algorithms, config.jwt_leeway)
 
 
 def build_store(config: Config) -> Store:

@@ -99,14 +99,16 @@ def _user(value: object, name: str) -> None:
 def _opaque(value: object, name: str) -> None:
     if type(value) is int:
         return
-    if type(value) is str and 0 < len(value) <= MAX_OPAQUE_CHARS:
+    if type(value) is str and 0 < len(value) <= MAX_OPAQUE_CHARS and "\x00" not in value:
         return
-    raise _bad(f"'{name}' must be an int or a string of 1 to 128 characters")
+    raise _bad(f"'{name}' must be an int or a string of 1 to 128 characters, without U+0000")
 
 
 def _text(value: object, name: str, lo: int = 1, hi: int = 64) -> None:
-    if type(value) is not str or not lo <= len(value) <= hi:
-        raise _bad(f"'{name}' must be a string of {lo} to {hi} characters")
+    """A string the server may store as text: U+0000 is refused (PostgreSQL text cannot
+    hold it, and the rule must not depend on the backend)."""
+    if type(value) is not str or not lo <= len(value) <= hi or "\x00" in value:
+        raise _bad(f"'{name}' must be a string of {lo} to {hi} characters, without U+0000")
 
 
 def _int(value: object, name: str, lo: int = 0, hi: int = MAX_INT) -> None:
@@ -137,8 +139,10 @@ class Hello:
 
     def __post_init__(self) -> None:
         check_request_id(self.id, False, self.t)
-        if type(self.token) is not str or not self.token:
-            raise _bad("'token' must be a non-empty string")
+        # Any string is a token to verify (the empty one too: unauthorized, close 1008);
+        # only a missing or non-string token is a malformed frame.
+        if type(self.token) is not str:
+            raise _bad("'token' must be a string")
         if self.since is not None:
             _int(self.since, "since")
         _text(self.device, "device")

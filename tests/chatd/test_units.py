@@ -138,6 +138,8 @@ def test_config_flag_beats_env_beats_default() -> None:
         {"CHATD_GROUP_COMMIT": "perhaps"},
         {"CHATD_MAX_BODY": "0"},
         {"CHATD_MAX_BODY": "70000"},
+        {"CHATD_JWT_LEEWAY": "-1"},
+        {"CHATD_JWT_LEEWAY": "301"},
     ],
 )
 def test_config_refuses_bad_values(env: dict[str, str]) -> None:
@@ -205,6 +207,15 @@ def test_auth_accepts_its_own_tokens() -> None:
 def test_auth_refuses(make: Callable[[], str]) -> None:
     with pytest.raises(AuthError):
         Authenticator(SECRET).verify(make())
+
+
+def test_auth_leeway_is_the_configured_clock_skew_and_none_by_default() -> None:
+    token = Authenticator(SECRET).mint("alice", ttl=1, now=time.time() - 4)  # 3 s expired
+    with pytest.raises(AuthError):
+        Authenticator(SECRET).verify(token)
+    cfg = config_from_args(_parse([]), {"CHATD_JWT_LEEWAY": "10"})
+    assert cfg.jwt_leeway == 10.0
+    assert Authenticator(SECRET, leeway=cfg.jwt_leeway).verify(token) == "alice"
 
 
 def test_auth_never_allows_alg_none_in_config() -> None:

@@ -103,6 +103,10 @@ async def test_bad_request_cases(srv: Server, clients: Clients) -> None:
         {"t": "read", "id": 10, "conv": "x", "upto": -1},
         {"t": "delivered", "id": 11, "upto": 1},
         {"t": "typing", "id": 12, "to": "bob", "on": 1},
+        # U+0000 in a string the server would store (PostgreSQL text cannot hold it)
+        {"t": "send", "id": 20, "to": "bob", "cmid": "c\x00", "body": "x"},
+        {"t": "send", "id": 21, "to": "bob", "cmid": "c", "body": "x", "type": "t\x00"},
+        {"t": "read", "id": 22, "conv": "x\x00", "upto": 1},
         {"t": "hello", "id": 13, "token": srv.ctx.auth.mint("alice")},  # second hello
         {"t": "hello", "id": 14, "token": srv.ctx.auth.mint("mallory")},  # still no switch
         {"t": 3, "id": 15},  # t not a string
@@ -181,7 +185,9 @@ def _bad_tokens(srv: Server) -> dict[str, str]:
     now = int(time.time())
     return {
         "garbage": "not.a.jwt",
+        "empty": "",
         "expired": srv.ctx.auth.mint("alice", ttl=1, now=now - 3600),
+        "expired 1 s ago": srv.ctx.auth.mint("alice", ttl=1, now=now - 2),  # no leeway
         "other secret": jwt.encode(
             {"sub": "alice", "exp": now + 600}, "another-" + SECRET, algorithm="HS256"
         ),
@@ -195,7 +201,18 @@ def _bad_tokens(srv: Server) -> dict[str, str]:
 
 @pytest.mark.parametrize(
     "kind",
-    ["garbage", "expired", "other secret", "alg none", "no exp", "no sub", "bad sub", "HS512"],
+    [
+        "garbage",
+        "empty",
+        "expired",
+        "expired 1 s ago",
+        "other secret",
+        "alg none",
+        "no exp",
+        "no sub",
+        "bad sub",
+        "HS512",
+    ],
 )
 async def test_bad_token_unauthorized_then_close_1008(
     srv: Server, clients: Clients, kind: str

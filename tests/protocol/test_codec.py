@@ -96,10 +96,14 @@ def valid_request_id(value: object) -> bool:
 user_ids = st.text(alphabet=USER_CHARS, min_size=1, max_size=64)
 request_ids = st.one_of(st.integers(MIN_I64, MAX_I64), st.text(max_size=64))
 opt_request_ids = st.none() | request_ids
-opaques = st.one_of(st.integers(MIN_I64, MAX_U64), st.text(min_size=1, max_size=128))
+# U+0000 is refused in strings the server may store (cmid, type, device, conv)
+no_nul = st.characters(exclude_categories=("Cs",), exclude_characters="\x00")
+opaques = st.one_of(
+    st.integers(MIN_I64, MAX_U64), st.text(alphabet=no_nul, min_size=1, max_size=128)
+)
 nonneg = st.integers(0, MAX_I64)
 positive = st.integers(1, MAX_I64)
-short_text = st.text(min_size=1, max_size=64)  # cmid, device, type
+short_text = st.text(alphabet=no_nul, min_size=1, max_size=64)  # cmid, device, type
 str_bodies = st.text(max_size=1000)  # at most 4000 UTF-8 bytes: under the default limit
 bin_bodies = st.binary(max_size=4000)
 bodies = str_bodies | bin_bodies
@@ -525,11 +529,11 @@ BAD_USER_IDS: list[Any] = [
     b"bob", ["bob"],
 ]  # fmt: skip
 BAD_NONNEG: list[Any] = [-1, "1", 1.0, True, False, None, 2**63, [1], b"1"]
-BAD_SHORT_TEXT: list[Any] = ["", "x" * 65, 5, True, b"x", ["x"], {"x": 1}]
-BAD_CONVS: list[Any] = [MISSING, None, "", "c" * 129, 1.5, True, False, [1], b"abc", {}]
+BAD_SHORT_TEXT: list[Any] = ["", "x" * 65, 5, True, b"x", ["x"], {"x": 1}, "a\x00b", "\x00"]
+BAD_CONVS: list[Any] = [MISSING, None, "", "c" * 129, 1.5, True, False, [1], b"abc", {}, "c\x00"]
 
 BAD_FIELDS: list[tuple[str, str, Any]] = [
-    *[("hello", "token", v) for v in [MISSING, None, "", 5, b"tok", ["tok"], True]],
+    *[("hello", "token", v) for v in [MISSING, None, 5, b"tok", ["tok"], True]],
     *[("hello", "since", v) for v in BAD_NONNEG if v is not None],
     *[("hello", "device", v) for v in BAD_SHORT_TEXT],
     *[("send", "to", v) for v in BAD_USER_IDS],
@@ -888,7 +892,7 @@ def test_constructors_validate() -> None:
     with pytest.raises(FrameError):
         ConvsRequest(1, limit=501)
     with pytest.raises(FrameError):
-        Hello("")
+        Hello(None)  # type: ignore[arg-type]
     with pytest.raises(FrameError):
         Ping(True)
 
