@@ -525,7 +525,9 @@ class Session:
             # A self-send took a token (a flood of them is limited like sends); a retry
             # of a stored message gives it back, as any duplicate does.
             took = wait <= 0.0
-            self._spawn(self._guard(f.id, self._dup_or_refuse(f, refused, took)))
+            # Held like a read: one lookup at a time per connection, and the frames
+            # after it wait (a flood of refused sends cannot queue unbounded reads).
+            self._hold_for(f.id, self._dup_or_refuse(f, refused, took))
             return
         pend: asyncio.Future[bytes | None] | None = None
         if f.cmid not in self._pending:

@@ -289,6 +289,51 @@ async def test_sends_over_burst_are_rate_limited_but_dups_answered(
     assert [m["cmid"] for m in h["msgs"]] == ["c2", "c1", "c0"]
 
 
+async def test_refused_sends_look_up_their_cmid_one_at_a_time(
+    servers: Servers, make_config: MakeConfig, clients: Clients, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A send over the rate (or to oneself) reads storage to see whether it is a retry.
+    A flood of them must not start a read each at once (they would starve the read
+    pool for everyone): one lookup per connection at a time, the rest held in order."""
+    srv = await servers.start(make_config(send_burst=1, send_rate=0.001))
+    raw = await clients.raw_hello(srv, "alice")
+    first = await raw.request({"t": "send", "id": 0, "to": "bob", "cmid": "c0", "body": "x"})
+    assert first["t"] == "sent"
+    real = srv.store.find_sent
+    active = 0
+    most = 0
+    gate = asyncio.Event()
+    started = asyncio.Event()
+
+    async def counting(sender: str, cmid: str) -> object:
+        nonlocal active, most
+        active += 1
+        most = max(most, active)
+        started.set()
+        try:
+            await gate.wait()
+            return await real(sender, cmid)
+        finally:
+            active -= 1
+
+    monkeypatch.setattr(srv.store, "find_sent", counting)
+    for i in range(1, 41):
+        await raw.send({"t": "send", "id": i, "to": "bob", "cmid": f"c{i}", "body": "x"})
+    await raw.send({"t": "send", "id": 41, "to": "bob", "cmid": "c0", "body": "x"})  # a retry
+    await raw.send({"t": "ping", "id": "p"})
+    async with asyncio.timeout(5):
+        await started.wait()
+    other = await clients.raw_hello(srv, "carol")  # a round trip: alice's frames are in
+    await ping_ok(other)
+    gate.set()
+    await raw.next(is_t("pong", id="p"))
+    assert most == 1
+    answers = [f for f in raw.frames if f.get("id") not in (None, "h", 0, "p")]
+    assert [f["id"] for f in answers] == list(range(1, 42))
+    assert all(f["t"] == "error" and f["code"] == "rate_limited" for f in answers[:-1])
+    assert answers[-1]["t"] == "sent" and answers[-1]["dup"] is True
+
+
 async def test_connections_over_limit_rate_limited_then_close_1013(
     servers: Servers, make_config: MakeConfig, clients: Clients
 ) -> None:
