@@ -18,13 +18,20 @@ from collections.abc import Callable
 from typing import Any
 
 from websockets.asyncio.server import ServerConnection
-from websockets.frames import Frame, Opcode
+from websockets.frames import CloseCode, Frame, Opcode
+from websockets.protocol import State
 from websockets.typing import BytesLike
 
 __all__ = ["ChatConnection", "Sink"]
 
+_DATA = (Opcode.BINARY, Opcode.TEXT, Opcode.CONT)
+
 Sink = Callable[[bytes | str], None]
 """Takes one whole message: bytes for a binary one, str for a text one."""
+
+MAX_FRAGMENTS = 1024
+"""Frames of one fragmented message at most (more: close 1009). `max_size` counts payload
+bytes only, so without this a peer could grow a message forever with empty fragments."""
 
 
 class ChatConnection(ServerConnection):
@@ -54,6 +61,8 @@ class ChatConnection(ServerConnection):
             super().process_event(event)  # the handshake request
             return
         op = event.opcode
+        if self.protocol.state is not State.OPEN and op in _DATA:
+            return  # failed (or closing) already: a frame parsed with the failing one
         if op is Opcode.BINARY or op is Opcode.TEXT:
             if not event.fin:
                 self._parts = [event.data]
@@ -65,6 +74,11 @@ class ChatConnection(ServerConnection):
             if parts is None:  # the protocol layer refuses a stray continuation first
                 return
             parts.append(event.data)
+            if len(parts) > MAX_FRAGMENTS:
+                self._parts = None
+                self.protocol.fail(CloseCode.MESSAGE_TOO_BIG, "too many fragments")
+                self.send_data()
+                return
             if event.fin:
                 self._parts = None
                 self._deliver(b"".join(parts), self._text)

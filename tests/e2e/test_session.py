@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from chatd.connection import MAX_FRAGMENTS
 from chatd.server import Server
 from protocol import encode_map
 from storage.base import StorageUnavailable
@@ -150,11 +151,26 @@ async def test_fragmented_message_is_one_frame(srv: Server, clients: Clients) ->
     assert pong["t"] == "pong"
 
 
+async def test_a_message_of_too_many_fragments_closes_1009(srv: Server, clients: Clients) -> None:
+    """Empty fragments add no bytes to the size limit: their number is capped instead."""
+    raw = await clients.raw_hello(srv, "alice")
+    bob = await clients.connect(srv, "bob")
+    ping = encode_map({"t": "ping", "id": "many"})
+    # websockets ends a fragmented message with one more, empty, frame: MAX_FRAGMENTS
+    await raw.ws.send([ping[:1], *([b""] * (MAX_FRAGMENTS - 3)), ping[1:]])
+    assert (await raw.next(is_t("pong", id="many")))["t"] == "pong"
+    await raw.ws.send([ping[:1], *([b""] * MAX_FRAGMENTS), ping[1:]])
+    assert await raw.wait_closed() == 1009
+    assert len(raw.of_type("pong")) == 1
+    await bob.ping()  # the others are fine
+
+
 async def test_held_frames_are_released_when_writes_finish(
     servers: Servers, make_config: MakeConfig, clients: Clients, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Only store writes count toward the in-flight limit: slow rate-limited lookups
-    (tasks) next to 256 writes must not keep the connection's frames held for good."""
+    """A rate-limited send's lookup holds the frames after it, one lookup at a time;
+    when the lookups end, every held frame is answered in order, including more
+    writes than the in-flight limit (256) allows at once."""
     srv = await servers.start(make_config(send_burst=1, send_rate=0.01))
     loop = asyncio.get_running_loop()
     lookups_may_end = asyncio.Event()
@@ -174,11 +190,15 @@ async def test_held_frames_are_released_when_writes_finish(
     assert sent["t"] == "sent"
     for i in range(200):  # over the rate: each waits in a lookup task
         await raw.send({"t": "send", "id": f"l{i}", "to": "bob", "cmid": f"l{i}", "body": "x"})
-    for i in range(300):  # writes, all answered (unavailable) while the lookups still wait
+    for i in range(300):  # writes (answered unavailable), held behind the lookups
         await raw.send({"t": "read", "id": f"m{i}", "conv": "nope", "upto": 1})
-    assert (await raw.request({"t": "ping", "id": "p"}))["t"] == "pong"
+    await raw.send({"t": "ping", "id": "p"})
     lookups_may_end.set()
-    await raw.next(lambda m: m.get("id") == "l199")
+    await raw.next(is_t("pong", id="p"))
+    await raw.wait_until(lambda fs: sum(1 for f in fs if str(f.get("id"))[:1] == "m") == 300)
+    ids = [f.get("id") for f in raw.frames if f.get("id") not in (None, "h", "s0", "p")]
+    assert ids[:200] == [f"l{i}" for i in range(200)]  # the lookups, in order, first
+    assert sorted(ids[200:]) == sorted(f"m{i}" for i in range(300))
 
 
 async def test_nothing_after_the_closing_bad_frame_is_acted_on(
