@@ -84,7 +84,7 @@ class ChatClient:
         device: str = "default",
         since: int | None = None,
         request_timeout: float = 10.0,
-        max_size: int | None = 1 << 20,
+        max_size: int | None = 4 << 20,
     ) -> None:
         self.url = url
         self.token = token

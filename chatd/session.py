@@ -44,6 +44,7 @@ from protocol import (
     Ping,
     Send,
     Typing,
+    body_size,
     decode_client,
     decode_map,
     encode_map,
@@ -455,6 +456,10 @@ class Session:
 
     async def _held(self, rid: Any, coro: Awaitable[None]) -> None:
         try:
+            # A read's answer may be large (a history page): start it only when what is
+            # queued for this connection has gone to the socket, so that a client that
+            # asks and never reads holds one answer here, not one per request.
+            await self._written()
             await self._guard(rid, coro)
         finally:
             self._busy = False
@@ -673,14 +678,23 @@ class Session:
         if limit > limits.history_max:
             raise FrameError(ErrorCode.BAD_REQUEST, f"'limit' is at most {limits.history_max}")
         page = await self.ctx.store.history(self.user, f.with_, f.before, limit)
+        msgs: list[dict[str, Any]] = []
+        more = page.more
+        size = 0
+        for m in page.messages:  # newest first: a page cut short ends at an older `seq`
+            size += body_size(m.body)
+            if msgs and size > limits.history_bytes:
+                more = True
+                break
+            msgs.append(msg_map(m, None))
         self._reply(
             encode_map(
                 {
                     "t": "history",
                     "id": f.id,
                     "conv": page.conv,
-                    "msgs": [msg_map(m, None) for m in page.messages],
-                    "more": page.more,
+                    "msgs": msgs,
+                    "more": more,
                     "delivered": page.delivered,
                     "read": page.read,
                 }
@@ -785,16 +799,21 @@ class Session:
 
     async def _drain(self) -> None:
         """Wait (5 s at most) until the outbox is written, before a deliberate close."""
+        try:
+            async with asyncio.timeout(5.0):
+                await self._written()
+        except TimeoutError:
+            pass
+
+    async def _written(self) -> None:
+        """Until the outbox is empty and the writer idle (its last frames handed to the
+        socket below its buffer's high mark), or the writer has ended."""
         writer = self._writer
         if writer is None or writer.done() or (not self._outbox and self._waiter is not None):
             return
         if self._drained is None:
             self._drained = asyncio.get_running_loop().create_future()
-        try:
-            async with asyncio.timeout(5.0):
-                await asyncio.shield(self._drained)
-        except TimeoutError:
-            pass
+        await asyncio.wait((self._drained, writer), return_when=asyncio.FIRST_COMPLETED)
 
     async def _write_loop(self, since: int | None, welcome_cur: int) -> None:
         store = self.ctx.store

@@ -26,5 +26,8 @@ class Limits:
     """The Nth `bad_frame` in a row is answered, then the connection closes 1008."""
     history_default: int = 50
     history_max: int = 200
+    history_bytes: int = 1024 * 1024
+    """Body bytes in one `history` reply at most: a page that would hold more ends
+    early (at least one message), with `more: true`. Bounds the largest server frame."""
     convs_default: int = 100
     convs_max: int = 500

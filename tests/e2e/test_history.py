@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
+import pytest
+
 from chatd.server import Server
 from storage.base import conv_id
 
-from .conftest import Clients
+from .conftest import Clients, MakeConfig, Servers
 
 
 async def test_history_paging(srv: Server, clients: Clients) -> None:
@@ -75,3 +80,71 @@ async def test_history_only_of_your_own_conversation(srv: Server, clients: Clien
     await a.send("carol", "hi carol")
     page = await carol.history("alice")
     assert [m.body for m in page.msgs] == ["hi carol"]
+
+
+async def _store_big(srv: Server, n: int, size: int) -> None:
+    """`n` messages alice -> bob of `size`-byte bodies, straight into the store."""
+    for i in range(n):
+        await srv.store.send("alice", "bob", f"big{i}", b"x" * size, "bin", 1)
+
+
+async def test_a_history_page_ends_early_at_its_byte_budget(
+    servers: Servers, make_config: MakeConfig, clients: Clients
+) -> None:
+    srv = await servers.start(make_config(history_bytes=40_000))
+    await _store_big(srv, 5, 16_000)
+    raw = await clients.raw_hello(srv, "bob")
+    h = await raw.request({"t": "history", "id": 1, "with": "alice", "limit": 200})
+    assert [m["seq"] for m in h["msgs"]] == [5, 4] and h["more"] is True  # 48,000 > 40,000
+    h = await raw.request({"t": "history", "id": 2, "with": "alice", "before": 4, "limit": 200})
+    assert [m["seq"] for m in h["msgs"]] == [3, 2] and h["more"] is True
+    h = await raw.request({"t": "history", "id": 3, "with": "alice", "before": 2, "limit": 200})
+    assert [m["seq"] for m in h["msgs"]] == [1] and h["more"] is False
+
+
+async def test_the_python_client_reads_a_full_page_of_the_largest_messages(
+    srv: Server, clients: Clients
+) -> None:
+    """200 bodies of 16 KiB were one 3.3 MB frame, over the client's own size limit."""
+    await _store_big(srv, 200, 16 * 1024)
+    bob = await clients.connect(srv, "bob")
+    page = await bob.history("alice", limit=200)
+    assert len(page.msgs) == 64 and page.more  # 1 MiB of bodies
+    assert [m.seq for m in page.msgs] == list(range(200, 136, -1))
+
+
+async def test_a_history_read_starts_once_the_answers_before_it_are_written(
+    servers: Servers, make_config: MakeConfig, clients: Clients, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that asks for pages faster than it reads them holds one answer in the
+    server, not one per request: each read waits until the connection's queued frames
+    have gone to the socket."""
+    srv = await servers.start(make_config(history_bytes=4 << 20))
+    await _store_big(srv, 200, 16 * 1024)  # 3.3 MB per page
+    raw = await clients.raw(srv, max_size=8 << 20, max_queue=1, rcvbuf=4096)
+    assert (await raw.hello(srv.ctx.auth.mint("bob")))["t"] == "welcome"
+    await raw.next(lambda m: m.get("t") == "synced")
+    (session,) = [s for s in srv.hub.sessions() if s.user == "bob"]
+    real = srv.store.history
+    queued_at_read: list[int] = []
+    second = asyncio.Event()
+
+    async def history(*args: Any) -> Any:
+        queued_at_read.append(len(session._outbox) + (session._waiter is None))
+        if len(queued_at_read) == 2:
+            second.set()
+        return await real(*args)
+
+    monkeypatch.setattr(srv.store, "history", history)
+    await raw.pause_reading()  # asks for 8 pages, reads none for now
+    for i in range(8):
+        await raw.send({"t": "history", "id": i, "with": "alice", "limit": 200})
+    async with asyncio.timeout(10):
+        await second.wait()
+    other = await clients.raw_hello(srv, "carol")  # a few loop turns for the server
+    assert (await other.request({"t": "ping", "id": 1}))["t"] == "pong"
+    assert len(queued_at_read) == 2  # the third read waits: page 2 is not written yet
+    raw.start_reading()
+    await raw.wait_until(lambda fs: any(f.get("id") == 7 for f in fs), timeout=30)
+    assert [f["id"] for f in raw.of_type("history")] == list(range(8))
+    assert queued_at_read == [0] * 8
