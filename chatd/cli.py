@@ -115,6 +115,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StorageError as exc:  # e.g. the database does not answer at start
         print(f"chatd: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # the port is taken, the secret file cannot be written, ...
+        print(f"chatd: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

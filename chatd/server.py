@@ -90,10 +90,11 @@ class Server:
 
     async def start(self) -> None:
         cfg = self.config
-        if cfg.migrate:
-            from storage.migrate import upgrade_async
+        from storage.migrate import check_schema_async, upgrade_async
 
+        if cfg.migrate:
             await upgrade_async(cfg.db_url)
+        await check_schema_async(cfg.db_url)  # also with --migrate false: refuse, don't limp
         await self.store.open()
         await self.broker.start(self.hub.deliver)
         self._ws = await serve(

@@ -274,7 +274,8 @@ class Session:
         ctx.metrics.sessions.inc()
         try:
             welcome_cur = await ctx.store.last_cur(self.user)
-        except StorageError:
+        except StorageError as exc:
+            log.warning("conn %d: storage unavailable at hello: %s", self.conn_id, exc)
             await self._send_now(_error(ErrorCode.UNAVAILABLE, "storage unavailable", hello.id))
             raise _Closing(CloseCode.TRY_AGAIN_LATER, "storage unavailable") from None
         welcome: dict[str, Any] = {

@@ -18,17 +18,20 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util.exc import CommandError
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
-from storage.base import StorageUnavailable
+from storage.base import StorageError, StorageUnavailable
 from storage.errors import is_driver_error
 from storage.urls import normalize_url, sqlite_path
 
 __all__ = [
     "MIGRATIONS_DIR",
     "PG_MIGRATION_LOCK",
+    "SchemaMismatch",
+    "check_schema_async",
     "current_revision",
     "current_revision_async",
     "head_revision",
@@ -57,6 +60,41 @@ def head_revision() -> str:
     if head is None:  # pragma: no cover - the package always ships revisions
         raise RuntimeError("no migrations found")
     return head
+
+
+class SchemaMismatch(StorageError):
+    """The database's schema is not the one this chatd needs (not migrated, older, or
+    migrated by a newer chatd)."""
+
+
+def _known_revisions() -> set[str]:
+    return {r.revision for r in ScriptDirectory.from_config(alembic_config()).walk_revisions()}
+
+
+def _mismatch(current: str | None) -> SchemaMismatch:
+    head = head_revision()
+    if current is None:
+        return SchemaMismatch(
+            f"the database has no chatd schema (this chatd needs revision {head}): "
+            "run `chatd migrate`, or serve without `--migrate false`"
+        )
+    if current in _known_revisions():
+        return SchemaMismatch(
+            f"the database schema is at revision {current}, this chatd needs {head}: "
+            "run `chatd migrate`"
+        )
+    return SchemaMismatch(
+        f"the database schema is at revision {current}, which this chatd does not know "
+        f"(its newest is {head}): was it migrated by a newer chatd? Run that version"
+    )
+
+
+async def check_schema_async(url: str) -> None:
+    """Raise SchemaMismatch unless the database at `url` is at this package's head
+    revision (StorageUnavailable when it cannot be reached)."""
+    current = await current_revision_async(url)
+    if current != head_revision():
+        raise _mismatch(current)
 
 
 def _upgrade_sync(connection: Connection, url: str) -> None:
@@ -93,8 +131,12 @@ async def upgrade_async(url: str) -> None:
     path = sqlite_path(norm)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-    async with _connected(norm, "migration failed") as conn:
-        await _with_lock(conn, norm)
+    try:
+        async with _connected(norm, "migration failed") as conn:
+            await _with_lock(conn, norm)
+    except CommandError as exc:  # e.g. a revision unknown here: a newer chatd's schema
+        current = await current_revision_async(norm)
+        raise _mismatch(current) from exc
 
 
 async def current_revision_async(url: str) -> str | None:
@@ -113,10 +155,18 @@ async def _connected(url: str, failure: str) -> AsyncIterator[AsyncConnection]:
             yield conn
     except Exception as exc:
         if is_driver_error(exc):
-            raise StorageUnavailable(f"{failure}: {type(exc).__name__}") from exc
+            raise StorageUnavailable(f"{failure}: {_why(exc)}") from exc
         raise
     finally:
         await engine.dispose()
+
+
+def _why(exc: BaseException) -> str:
+    """`Type: first line of the driver's message` (SQLAlchemy's wrapper adds the SQL)."""
+    orig = getattr(exc, "orig", None)
+    inner = orig if isinstance(orig, BaseException) else exc
+    text = str(inner).strip().splitlines()
+    return f"{type(inner).__name__}: {text[0][:200]}" if text else type(inner).__name__
 
 
 def upgrade(url: str) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import socket
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -77,3 +79,61 @@ def test_tune_gc_sets_the_young_threshold_and_freezes_startup() -> None:
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+def _serve(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "chatd", "serve", "--port", "0", "--jwt-secret", "s" * 32, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def _one_line_error(out: subprocess.CompletedProcess[str]) -> str:
+    assert out.returncode == 1, out.stderr
+    assert "Traceback" not in out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("chatd: ")
+    return last
+
+
+def test_serve_refuses_a_database_it_may_not_migrate(tmp_path: Path) -> None:
+    """`--migrate false` on a database without the schema: it used to start, say
+    ready, and answer every hello `unavailable`."""
+    line = _one_line_error(_serve("--db", f"sqlite:///{tmp_path}/new.db", "--migrate", "false"))
+    assert "no chatd schema" in line and "chatd migrate" in line
+
+
+def test_serve_refuses_a_schema_newer_than_itself(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path}/future.db"
+    assert main(["migrate", "--db", db]) == 0
+    with sqlite3.connect(tmp_path / "future.db") as conn:
+        conn.execute("UPDATE alembic_version SET version_num = '9999_future'")
+    line = _one_line_error(_serve("--db", db))
+    assert "9999_future" in line and "newer chatd" in line
+
+
+def test_serve_on_a_taken_port_exits_1_with_one_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "chatd",
+                "serve",
+                "--port",
+                str(port),
+                "--jwt-secret",
+                "s" * 32,
+                "--db",
+                f"sqlite:///{tmp_path}/p.db",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert "address already in use" in _one_line_error(out)
