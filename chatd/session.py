@@ -79,6 +79,8 @@ _BACKLOG_PAUSE = 64
 """Held messages at which the socket stops being read (resumed at half)."""
 _MAX_IN_FLIGHT = 256
 """Writes (sends, marks) of one connection in flight before its messages are held."""
+_MARKS_KEPT = 1024
+"""(conv, kind) watermarks a connection remembers at most (then it starts over)."""
 _OWN_WAIT = 30.0
 """Seconds a gap fill waits for this connection's own `sent` reply."""
 
@@ -110,6 +112,7 @@ class Session:
         "_drained",
         "_flush_soon",
         "_last",
+        "_marked",
         "_outbox",
         "_paused",
         "_pending",
@@ -145,6 +148,9 @@ class Session:
         self._flush_soon = False
         """`_flush` is scheduled: frames wait in websockets' buffer until it runs."""
         self._last = 0
+        self._marked: dict[tuple[int | str, str], int] | None = None
+        """(conv, kind) -> this user's watermark as a mark of this connection last
+        committed it: a mark at or below it is answered without a write."""
         self._pending: dict[str, asyncio.Future[bytes | None]] = {}
         self._written_own: set[int] | None = None
         """`cur`s of own `sent` replies a gap fill wrote early (rare: made on demand)."""
@@ -616,6 +622,13 @@ class Session:
         """Queue a mark in the store; `_mark_done` answers it."""
         if type(f.conv) is not str:
             raise FrameError(ErrorCode.BAD_REQUEST, "not a conversation of yours")
+        marked = self._marked
+        if marked is not None and f.upto <= marked.get((f.conv, f.kind), -1):
+            # Watermarks only move forward and this one is committed at or above
+            # `upto`: nothing to store (a flood of these costs the writer nothing).
+            if f.id is not None:
+                self._reply(encode_map({"t": "ok", "id": f.id}))
+            return
         fut = self.ctx.store.mark_soon(self.user, f.conv, f.kind, f.upto, now_ms())
         self._track(fut)
         fut.add_done_callback(lambda done: self._mark_done(f, done))
@@ -634,6 +647,7 @@ class Session:
                 self._fail(f.id, exc)
                 return
             out = fut.result()
+            self._remember_mark(f.conv, f.kind, out.watermark)
             ok = encode_map({"t": "ok", "id": f.id}) if f.id is not None else None
             r = out.receipt
             if r is None:
@@ -651,6 +665,18 @@ class Session:
             )
         except Exception as exc:
             self._fail(f.id, exc)
+
+    def _remember_mark(self, conv: int | str, kind: str, watermark: int) -> None:
+        marked = self._marked
+        if marked is None:
+            marked = self._marked = {}
+        elif len(marked) >= _MARKS_KEPT:
+            marked.clear()
+        kinds = ("read", "delivered") if kind == "read" else ("delivered",)
+        for k in kinds:  # delivered >= read, always
+            key = (conv, k)
+            if watermark > marked.get(key, -1):
+                marked[key] = watermark
 
     def _on_typing(self, f: Typing) -> None:
         if f.to == self.user:

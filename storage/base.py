@@ -131,6 +131,9 @@ class MarkOutcome:
     """The other person of the conversation."""
     peer_cur: int = 0
     """The receipt's `cur` in the other person's stream (0 when receipt is None)."""
+    watermark: int = 0
+    """The marking user's watermark of this kind in the conversation after the mark,
+    as committed: a later mark with `upto` at or below it changes nothing."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -748,12 +748,12 @@ class SqlStore:
                 capped = min(mop.upto, member.last_recv_seq)
                 if mop.kind == "delivered":
                     if capped <= member.delivered:
-                        results[i] = MarkOutcome(receipt=None, peer=peer)
+                        results[i] = MarkOutcome(None, peer=peer, watermark=member.delivered)
                         continue
                     member.delivered = capped
                 else:
                     if capped <= member.read:
-                        results[i] = MarkOutcome(receipt=None, peer=peer)
+                        results[i] = MarkOutcome(None, peer=peer, watermark=member.read)
                         continue
                     member.read = capped
                     member.delivered = max(member.delivered, capped)
@@ -779,6 +779,7 @@ class SqlStore:
                     marker_cur=m_cur,
                     peer=peer,
                     peer_cur=p_cur,
+                    watermark=capped,
                 )
 
         # 6. write.

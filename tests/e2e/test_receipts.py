@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from chatd.server import Server
 from storage.base import conv_id
 
@@ -148,3 +150,38 @@ async def test_convs_watermarks_unread_and_order(srv: Server, clients: Clients) 
     # newest first: a message to carol moves her to the top
     await a.send("carol", "again")
     assert [c.with_ for c in (await a.convs()).convs] == ["carol", "bob", "dave"]
+
+
+async def test_a_mark_at_or_below_a_committed_watermark_costs_no_write(
+    srv: Server, clients: Clients, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Watermarks only move forward: once a mark of this connection committed a
+    watermark, marks at or below it are answered `ok` without a store write (a flood
+    of them used to queue a write each on the one writer everyone shares)."""
+    alice = await clients.raw_hello(srv, "alice")
+    bob = await clients.raw_hello(srv, "bob")
+    for i in range(3):
+        await alice.request({"t": "send", "id": i, "to": "bob", "cmid": f"c{i}", "body": "x"})
+    await bob.request({"t": "send", "id": "own", "to": "alice", "cmid": "b", "body": "x"})
+    conv = conv_id("alice", "bob")  # seq 1-3 to bob, 4 his own
+    real = srv.store.mark_soon
+    calls: list[tuple[str, int]] = []
+
+    def counting(user: str, c: str, kind: Any, upto: int, ts: int) -> Any:
+        calls.append((kind, upto))
+        return real(user, c, kind, upto, ts)
+
+    monkeypatch.setattr(srv.store, "mark_soon", counting)
+    r = await bob.request({"t": "read", "id": "r", "conv": conv, "upto": 4})  # capped at 3
+    assert r == {"t": "ok", "id": "r"}
+    for i in range(100):
+        kind = "read" if i % 2 else "delivered"  # read raised delivered too
+        r = await bob.request({"t": kind, "id": i, "conv": conv, "upto": 3 - i % 4})
+        assert r == {"t": "ok", "id": i}
+    assert calls == [("read", 4)]
+    r = await bob.request({"t": "read", "id": "again", "conv": conv, "upto": 4})
+    assert r == {"t": "ok", "id": "again"} and calls == [("read", 4)] * 2  # 4 > 3: asked
+    await alice.request({"t": "send", "id": 9, "to": "bob", "cmid": "c9", "body": "x"})
+    r = await bob.request({"t": "read", "id": "new", "conv": conv, "upto": 5})
+    assert r == {"t": "ok", "id": "new"}
+    assert [f["upto"] for f in bob.of_type("receipt")] == [3, 5]  # nothing in between

@@ -187,13 +187,14 @@ async def test_watermarks_only_move_forward(store: SqlStore) -> None:
     assert (out.receipt.kind, out.receipt.upto, out.receipt.by) == ("delivered", 2, "bob")
     assert out.peer == "alice" and out.marker_cur == 4 and out.peer_cur == 4
     before = (await store.last_cur("alice"), await store.last_cur("bob"))
+    assert out.watermark == 2
     for upto in (2, 1, 0):
         same = await store.mark("bob", conv, "delivered", upto, TS + 2)
         assert same.receipt is None and same.marker_cur == 0 and same.peer_cur == 0
-        assert same.peer == "alice"
+        assert same.peer == "alice" and same.watermark == 2  # what is committed
     assert (await store.last_cur("alice"), await store.last_cur("bob")) == before
     moved = await store.mark("bob", conv, "delivered", 3, TS + 3)
-    assert moved.receipt is not None and moved.receipt.upto == 3
+    assert moved.receipt is not None and moved.receipt.upto == 3 and moved.watermark == 3
 
 
 async def test_mark_capped_at_last_message_to_user(store: SqlStore) -> None:
@@ -202,9 +203,9 @@ async def test_mark_capped_at_last_message_to_user(store: SqlStore) -> None:
     await send(store, "bob", "alice", "m3")  # seq 3 is bob's own
     conv = conv_id("alice", "bob")
     out = await store.mark("bob", conv, "read", 3, TS)
-    assert out.receipt is not None and out.receipt.upto == 2
+    assert out.receipt is not None and out.receipt.upto == 2 and out.watermark == 2
     again = await store.mark("bob", conv, "read", 3, TS)
-    assert again.receipt is None
+    assert again.receipt is None and again.watermark == 2  # capped: below `upto`
     # a user who received nothing yet cannot move a watermark
     await send(store, "carol", "dave", "c1")
     nothing = await store.mark("carol", conv_id("carol", "dave"), "read", 1, TS)
