@@ -117,6 +117,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("limits.max_connections_per_user", int, "connections per user"),
     Option("limits.hello_timeout", float, "seconds to send hello"),
     Option("limits.max_bad_frames", int, "bad frames in a row before close 1008"),
+    Option("limits.max_frame_rate", int, "messages per second per connection (more: 1008)"),
     Option("limits.history_bytes", int, "message bytes in one history reply at most"),
 )
 

@@ -19,7 +19,16 @@ import psutil  # type: ignore[import-untyped,unused-ignore]
 __all__ = ["ServerProc", "start_chatd", "start_relay"]
 
 _URL = re.compile(r"listening on (ws://\S+)")
-BENCH_LIMITS = ("--send-rate", "100000", "--send-burst", "100000", "--typing-rate", "1000")
+BENCH_LIMITS = (
+    "--send-rate",
+    "100000",
+    "--send-burst",
+    "100000",
+    "--typing-rate",
+    "1000",
+    "--max-frame-rate",
+    "100000",
+)
 
 
 def _raise_nofile() -> None:

@@ -24,6 +24,9 @@ class Limits:
     """Seconds a new connection has to send `hello`."""
     max_bad_frames: int = 10
     """The Nth `bad_frame` in a row is answered, then the connection closes 1008."""
+    max_frame_rate: int = 1000
+    """WebSocket messages per second one connection may send (averaged over runs of
+    this many); faster: close 1008. Far above what any client needs (sends are 20/s)."""
     history_default: int = 50
     history_max: int = 200
     history_bytes: int = 1024 * 1024

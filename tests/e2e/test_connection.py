@@ -254,3 +254,23 @@ async def test_frames_written_directly_and_queued_keep_one_order(
     assert [f["cur"] for f in msgs] == list(range(1, n + 1))
     assert [f["cmid"] for f in msgs] == [f"c{i}" for i in range(1, n + 1)]
     assert queued_from > 1
+
+
+async def test_a_frame_flood_closes_1008_and_spares_the_others(
+    servers: Servers, make_config: MakeConfig, clients: Clients
+) -> None:
+    """One connection sending messages faster than max_frame_rate per second (here
+    50) is closed 1008; up to that many in a burst are fine, and other connections
+    are not touched."""
+    srv = await servers.start(make_config(max_frame_rate=50))
+    calm = await clients.raw_hello(srv, "bob")
+    ok = await clients.raw_hello(srv, "carol")  # hello + 47 pings: 48 messages
+    for i in range(47):
+        await ok.send({"t": "ping", "id": i})
+    await ok.next(is_t("pong", id=46))
+    flood = await clients.raw_hello(srv, "alice")
+    for i in range(200):
+        await flood.send({"t": "ping", "id": i})
+    assert await flood.wait_closed() == 1008
+    assert len(flood.of_type("pong")) < 50
+    assert (await calm.request({"t": "ping", "id": "still"}))["t"] == "pong"

@@ -59,7 +59,7 @@ async def test_bad_hello_fields(srv: Server, clients: Clients) -> None:
 async def test_catch_up_pages_beyond_500_events(
     servers: Servers, make_config: MakeConfig, clients: Clients
 ) -> None:
-    srv = await servers.start(make_config(send_burst=2000))
+    srv = await servers.start(make_config(send_burst=2000, max_frame_rate=5000))
     alice = await clients.raw_hello(srv, "alice")
     n = 1101
     await asyncio.gather(
