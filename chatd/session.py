@@ -672,9 +672,11 @@ class Session:
             marked = self._marked = {}
         elif len(marked) >= _MARKS_KEPT:
             marked.clear()
-        kinds = ("read", "delivered") if kind == "read" else ("delivered",)
-        for k in kinds:  # delivered >= read, always
-            key = (conv, k)
+        key = (conv, kind)
+        if watermark > marked.get(key, -1):
+            marked[key] = watermark
+        if kind == "read":  # delivered >= read, always
+            key = (conv, "delivered")
             if watermark > marked.get(key, -1):
                 marked[key] = watermark
 
