@@ -140,8 +140,7 @@ def start_chatd(
         str(port),
         "--db",
         f"sqlite:///{db_file}",
-        "--jwt-secret",
-        secret,
+        f"--jwt-secret={secret}",  # one token: a secret may start with "-"
         "--log-level",
         "WARNING",
         *extra,
