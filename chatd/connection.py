@@ -22,7 +22,7 @@ from websockets.frames import CloseCode, Frame, Opcode
 from websockets.protocol import State
 from websockets.typing import BytesLike
 
-__all__ = ["ChatConnection", "Sink", "connection_class"]
+__all__ = ["MAX_FRAGMENTS", "ChatConnection", "Sink"]
 
 _DATA = (Opcode.BINARY, Opcode.TEXT, Opcode.CONT)
 
@@ -35,14 +35,8 @@ bytes only, so without this a peer could grow a message forever with empty fragm
 
 
 class ChatConnection(ServerConnection):
-    max_frame_rate = 1000
-    """Messages per second a peer may send, on average over each run of that many
-    (more: close 1008). `connection_class` sets it from the configuration."""
-
     # Class-level defaults: an idle connection stores none of these itself.
     _early: list[bytes | str] | None = None
-    _count = 0
-    """Messages since `_count_since` (a run of `max_frame_rate` at most)."""
     """Messages that arrived before the session took over (it gets them first)."""
     _parts: list[BytesLike] | None = None
     """The fragments so far of a fragmented message."""
@@ -51,7 +45,6 @@ class ChatConnection(ServerConnection):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._sink: Sink | None = None
-        self._count_since = self.loop.time()
 
     def set_sink(self, sink: Sink | None) -> None:
         """From now on every whole message goes to `sink` (None: to nobody)."""
@@ -93,16 +86,6 @@ class ChatConnection(ServerConnection):
             super().process_event(event)  # PING, PONG, CLOSE
 
     def _deliver(self, data: BytesLike, text: bool) -> None:
-        count = self._count + 1
-        if count >= self.max_frame_rate:  # a run's end: was it faster than a second?
-            now = self.loop.time()
-            if now - self._count_since < 1.0:
-                self.protocol.fail(CloseCode.POLICY_VIOLATION, "too many frames")
-                self.send_data()
-                return
-            count = 0
-            self._count_since = now
-        self._count = count
         raw = data if type(data) is bytes else bytes(data)
         msg: bytes | str = raw.decode("utf-8", "replace") if text else raw
         sink = self._sink
@@ -112,13 +95,3 @@ class ChatConnection(ServerConnection):
             self._early = [msg]
         else:
             self._early.append(msg)
-
-
-def connection_class(max_frame_rate: int) -> type[ChatConnection]:
-    """A ChatConnection class that allows `max_frame_rate` messages per second."""
-
-    class Limited(ChatConnection):
-        pass
-
-    Limited.max_frame_rate = max_frame_rate
-    return Limited

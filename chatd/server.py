@@ -21,7 +21,7 @@ from storage.base import StorageError, Store
 from .auth import Authenticator, load_or_create_secret
 from .broker import Broker
 from .config import Config
-from .connection import ChatConnection, connection_class
+from .connection import ChatConnection
 from .hub import Hub
 from .metrics import Metrics
 from .session import Session
@@ -110,7 +110,7 @@ class Server:
             ping_timeout=cfg.ping_timeout,
             close_timeout=5,
             server_header="chatd",
-            create_connection=connection_class(cfg.limits.max_frame_rate),
+            create_connection=ChatConnection,
         )
         log.info("listening on ws://%s:%d/ws (broker %s)", cfg.host, self.port, cfg.broker)
 

@@ -109,6 +109,8 @@ class Session:
         "_busy",
         "_close_started",
         "_closing",
+        "_count",
+        "_count_since",
         "_drained",
         "_flush_soon",
         "_last",
@@ -158,6 +160,9 @@ class Session:
         """Tasks and store writes in flight (a write's done-callback removes it)."""
         self._writer: asyncio.Task[None] | None = None
         self._bad_in_row = 0
+        self._count = 0
+        """Messages received since `_count_since` (a run of max_frame_rate at most)."""
+        self._count_since = time.monotonic()
         self._writes = 0
         """Store writes (sends, marks) of this connection in flight."""
         self._backlog: deque[bytes | str] | None = None
@@ -326,6 +331,15 @@ class Session:
         """The connection's sink: one whole client message, from the protocol callback."""
         if self._closing:
             return
+        count = self._count + 1
+        if count >= self.ctx.config.limits.max_frame_rate:  # a run: faster than 1 s?
+            now = time.monotonic()
+            if now - self._count_since < 1.0:
+                self._close_drained(CloseCode.POLICY_VIOLATION, "too many frames")
+                return
+            count = 0
+            self._count_since = now
+        self._count = count
         if self._reading and not (self._busy or self._throttled) and not self._backlog:
             self._handle(data)
             return
