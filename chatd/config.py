@@ -38,6 +38,8 @@ class Config:
     ping_timeout: float = 20.0
     outbox_limit: int = 2000
     """Frames queued for one connection before it is closed 1013 as a slow reader."""
+    outbox_bytes: int = 8 * 1024 * 1024
+    """Bytes of frames queued for one connection before it is closed 1013 (the same)."""
     compression: bool = False
     migrate: bool = True
     shutdown_timeout: float = 10.0
@@ -104,6 +106,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("ping_interval", float, "seconds between WebSocket pings"),
     Option("ping_timeout", float, "seconds to wait for a pong before closing"),
     Option("outbox_limit", int, "frames queued per connection before closing it 1013"),
+    Option("outbox_bytes", int, "bytes of frames queued per connection before closing it 1013"),
     Option("compression", _bool, "offer permessage-deflate"),
     Option("migrate", _bool, "apply pending migrations at start"),
     Option("shutdown_timeout", float, "seconds to drain connections on shutdown"),
@@ -167,6 +170,8 @@ def _check(cfg: Config) -> None:
             raise ConfigError(f"limit {f.name} must be positive")
     if not 0.0 <= cfg.jwt_leeway <= 300.0:
         raise ConfigError("jwt_leeway must be between 0 and 300 seconds")
+    if cfg.outbox_limit < 1 or cfg.outbox_bytes < 1:
+        raise ConfigError("outbox_limit and outbox_bytes must be positive")
     if cfg.gc_young < 0:
         raise ConfigError("gc_young must be 0 or more")
     if not 0.0 <= cfg.commit_window_ms <= 100.0:

@@ -116,6 +116,7 @@ class Session:
         "_last",
         "_marked",
         "_outbox",
+        "_outbox_bytes",
         "_paused",
         "_pending",
         "_reading",
@@ -143,6 +144,8 @@ class Session:
         self._state: UserState | None = None
         self._outbox: list[Item] = []
         """Frames queued for the writer; it takes the whole list at a time (FIFO)."""
+        self._outbox_bytes = 0
+        """The size of the frames in `_outbox`."""
         self._waiter: asyncio.Future[None] | None = None
         """Set while the writer is idle; resolved by the next push."""
         self._drained: asyncio.Future[None] | None = None
@@ -790,12 +793,16 @@ class Session:
             if self._write_soon(item):
                 return
             self._outbox.append(item)
+            self._outbox_bytes += len(item[2]) + (len(item[3]) if item[3] else 0)
             waiter.set_result(None)
             return
         self._outbox.append(item)
-        if len(self._outbox) > self.ctx.config.outbox_limit:
+        self._outbox_bytes += len(item[2]) + (len(item[3]) if item[3] else 0)
+        config = self.ctx.config
+        if len(self._outbox) > config.outbox_limit or self._outbox_bytes > config.outbox_bytes:
             # It loses nothing: it resumes with `since` and reads the rest from storage.
             self._outbox.clear()
+            self._outbox_bytes = 0
             self._closing_input()
             self._spawn(self._close(CloseCode.TRY_AGAIN_LATER, "slow reader"))
 
@@ -885,6 +892,7 @@ class Session:
                 self._waiter = None
                 continue
             items, self._outbox = self._outbox, []
+            self._outbox_bytes = 0
             out: list[bytes] = []
             for item in items:
                 frames = self._frames_for(item)

@@ -196,10 +196,15 @@ async def _stalled_bob(srv: Server, clients: Clients) -> tuple[RawConn, Session]
     return slow, session
 
 
+@pytest.mark.parametrize(
+    "limit",
+    [{"outbox_limit": 5}, {"outbox_bytes": 100_000}],  # frames, or bytes: whichever first
+    ids=["frames", "bytes"],
+)
 async def test_slow_reader_closed_1013_and_loses_nothing(
-    servers: Servers, make_config: MakeConfig, clients: Clients
+    servers: Servers, make_config: MakeConfig, clients: Clients, limit: dict[str, int]
 ) -> None:
-    srv = await servers.start(make_config(outbox_limit=5, send_burst=1000))
+    srv = await servers.start(make_config(send_burst=1000, **limit))
     alice = await clients.connect(srv, "alice")
     slow, _session = await _stalled_bob(srv, clients)
 
