@@ -89,6 +89,25 @@ Item = tuple[int, int, bytes, bytes | None, str]
 `cmid` names this connection's own send for an `_OWN_SENT` item."""
 
 
+def _remember(
+    table: dict[tuple[int | str, str], int] | None, conv: int | str, kind: str, value: int
+) -> dict[tuple[int | str, str], int]:
+    """`table` (made when None) with (conv, kind) raised to `value`; a `read` value holds
+    for `delivered` too (delivered >= read, always). Starts over past _MARKS_KEPT keys."""
+    if table is None:
+        table = {}
+    elif len(table) >= _MARKS_KEPT:
+        table.clear()
+    key = (conv, kind)
+    if value > table.get(key, -1):
+        table[key] = value
+    if kind == "read":
+        key = (conv, "delivered")
+        if value > table.get(key, -1):
+            table[key] = value
+    return table
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -107,6 +126,7 @@ class Session:
         "_backlog",
         "_bad_in_row",
         "_busy",
+        "_capped",
         "_close_started",
         "_closing",
         "_count",
@@ -156,6 +176,10 @@ class Session:
         self._marked: dict[tuple[int | str, str], int] | None = None
         """(conv, kind) -> this user's watermark as a mark of this connection last
         committed it: a mark at or below it is answered without a write."""
+        self._capped: dict[tuple[int | str, str], int] | None = None
+        """(conv, kind) -> the highest `upto` of a mark that changed nothing because no
+        message to this user lies above the watermark (it was capped): the same holds
+        for marks up to it until a stream event reaches this connection (dropped then)."""
         self._pending: dict[str, asyncio.Future[bytes | None]] = {}
         self._written_own: set[int] | None = None
         """`cur`s of own `sent` replies a gap fill wrote early (rare: made on demand)."""
@@ -639,10 +663,15 @@ class Session:
         """Queue a mark in the store; `_mark_done` answers it."""
         if type(f.conv) is not str:
             raise FrameError(ErrorCode.BAD_REQUEST, "not a conversation of yours")
+        key = (f.conv, f.kind)
         marked = self._marked
-        if marked is not None and f.upto <= marked.get((f.conv, f.kind), -1):
+        capped = self._capped
+        if (marked is not None and f.upto <= marked.get(key, -1)) or (
+            capped is not None and f.upto <= capped.get(key, -1)
+        ):
             # Watermarks only move forward and this one is committed at or above
-            # `upto`: nothing to store (a flood of these costs the writer nothing).
+            # `upto`, or no message to this user arrived since the same mark changed
+            # nothing: nothing to store (a flood of these costs the writer nothing).
             if f.id is not None:
                 self._reply(encode_map({"t": "ok", "id": f.id}))
             return
@@ -664,9 +693,11 @@ class Session:
                 self._fail(f.id, exc)
                 return
             out = fut.result()
-            self._remember_mark(f.conv, f.kind, out.watermark)
-            ok = encode_map({"t": "ok", "id": f.id}) if f.id is not None else None
             r = out.receipt
+            self._marked = _remember(self._marked, f.conv, f.kind, out.watermark)
+            if r is None and out.watermark < f.upto:  # capped: no message to us up there
+                self._capped = _remember(self._capped, f.conv, f.kind, f.upto)
+            ok = encode_map({"t": "ok", "id": f.id}) if f.id is not None else None
             if r is None:
                 if ok is not None:
                     self._reply(ok)
@@ -682,20 +713,6 @@ class Session:
             )
         except Exception as exc:
             self._fail(f.id, exc)
-
-    def _remember_mark(self, conv: int | str, kind: str, watermark: int) -> None:
-        marked = self._marked
-        if marked is None:
-            marked = self._marked = {}
-        elif len(marked) >= _MARKS_KEPT:
-            marked.clear()
-        key = (conv, kind)
-        if watermark > marked.get(key, -1):
-            marked[key] = watermark
-        if kind == "read":  # delivered >= read, always
-            key = (conv, "delivered")
-            if watermark > marked.get(key, -1):
-                marked[key] = watermark
 
     def _on_typing(self, f: Typing) -> None:
         if f.to == self.user:
@@ -778,6 +795,8 @@ class Session:
 
     def push_live(self, event: LiveEvent) -> None:
         """Hub callback: a live event for this user."""
+        if event.cur and self._capped is not None:
+            self._capped = None  # perhaps a message to us: capping may differ now
         self._push((_LIVE, event.cur, event.data, None, ""))
 
     def _reply(self, data: bytes) -> None:

@@ -157,7 +157,9 @@ async def test_a_mark_at_or_below_a_committed_watermark_costs_no_write(
 ) -> None:
     """Watermarks only move forward: once a mark of this connection committed a
     watermark, marks at or below it are answered `ok` without a store write (a flood
-    of them used to queue a write each on the one writer everyone shares)."""
+    of them used to queue a write each on the one writer everyone shares). So are
+    marks that were capped to nothing (above the last message to the user), until a
+    stream event arrives."""
     alice = await clients.raw_hello(srv, "alice")
     bob = await clients.raw_hello(srv, "bob")
     for i in range(3):
@@ -181,7 +183,14 @@ async def test_a_mark_at_or_below_a_committed_watermark_costs_no_write(
     assert calls == [("read", 4)]
     r = await bob.request({"t": "read", "id": "again", "conv": conv, "upto": 4})
     assert r == {"t": "ok", "id": "again"} and calls == [("read", 4)] * 2  # 4 > 3: asked
+    for i in range(50):  # capped again (no message to bob above 3): no more writes
+        r = await bob.request({"t": "delivered", "id": f"d{i}", "conv": conv, "upto": 4})
+        assert r == {"t": "ok", "id": f"d{i}"}
+    assert calls == [("read", 4)] * 2
     await alice.request({"t": "send", "id": 9, "to": "bob", "cmid": "c9", "body": "x"})
+    await bob.next(is_t("msg", seq=5))  # a message to bob: the same mark may count now
+    r = await bob.request({"t": "read", "id": "after", "conv": conv, "upto": 4})
+    assert r == {"t": "ok", "id": "after"} and calls[-1] == ("read", 4) and len(calls) == 3
     r = await bob.request({"t": "read", "id": "new", "conv": conv, "upto": 5})
     assert r == {"t": "ok", "id": "new"}
-    assert [f["upto"] for f in bob.of_type("receipt")] == [3, 5]  # nothing in between
+    assert [f["upto"] for f in bob.of_type("receipt")] == [3, 4, 5]
