@@ -538,6 +538,16 @@ class SqlStore:
             except asyncio.CancelledError:
                 _fail_ops(batch[i + 1 :], "store closed")
                 raise
+            fut = op.future
+            if (
+                fut.done()
+                and not fut.cancelled()
+                and isinstance(fut.exception(), StorageUnavailable)
+            ):
+                # The database itself failed meanwhile: one attempt per op would stall
+                # the writer an outage's timeout per op. The rest fail now, unstored.
+                _fail_ops(batch[i + 1 :], "transaction failed")
+                return
 
     async def _commit_batch(self, batch: Sequence[_Op]) -> list[object]:
         """One transaction for the batch. SQLite: the whole transaction in one hop to the

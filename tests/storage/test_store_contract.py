@@ -491,6 +491,27 @@ async def test_a_value_the_database_refuses_fails_only_its_own_op(store: SqlStor
     assert again.message.seq == 4
 
 
+async def test_an_outage_while_writes_are_retried_one_by_one_fails_the_rest_at_once(
+    store: SqlStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a refused value, the writes are committed one per transaction; if the
+    database then fails, the rest fail at once (one timeout, not one per write)."""
+    calls: list[int] = []
+
+    async def failing(batch: Any) -> list[object]:
+        calls.append(len(batch))
+        if len(batch) > 1:
+            raise OverflowError("a value the driver refuses")
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(store, "_commit_batch", failing)
+    results = await asyncio.gather(
+        *(send(store, "alice", "bob", f"m{i}") for i in range(5)), return_exceptions=True
+    )
+    assert all(isinstance(r, StorageUnavailable) for r in results)
+    assert calls == [5, 1]
+
+
 async def test_close_finishes_queued_writes(store_url: str) -> None:
     s = SqlStore(store_url)
     await s.open()
