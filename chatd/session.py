@@ -23,6 +23,7 @@ stream goes out in `cur` order with no gap and no repeat:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -79,6 +80,8 @@ _BACKLOG_PAUSE = 64
 """Held messages at which the socket stops being read (resumed at half)."""
 _MAX_IN_FLIGHT = 256
 """Writes (sends, marks) of one connection in flight before its messages are held."""
+_READ_WAIT = 1.0
+"""Seconds a history / convs read waits at most for the connection's queued frames."""
 _MARKS_KEPT = 1024
 """(conv, kind) watermarks a connection remembers at most (then it starts over)."""
 _OWN_WAIT = 30.0
@@ -359,12 +362,12 @@ class Session:
         if self._closing:
             return
         count = self._count + 1
-        if count >= self.ctx.config.limits.max_frame_rate:  # a run: faster than 1 s?
+        if count > self.ctx.config.limits.max_frame_rate:  # more than N in a second?
             now = time.monotonic()
             if now - self._count_since < 1.0:
                 self._close_drained(CloseCode.POLICY_VIOLATION, "too many frames")
                 return
-            count = 0
+            count = 1  # this message starts the next run
             self._count_since = now
         self._count = count
         if self._reading and not (self._busy or self._throttled) and not self._backlog:
@@ -392,7 +395,7 @@ class Session:
                 self._wake = None
                 closed.cancel()
             if not wake.done():
-                raise ConnectionClosed(self.ws.protocol.close_rcvd, self.ws.protocol.close_sent)
+                raise self.ws.protocol.close_exc
             backlog = self._backlog
         data = backlog.popleft()
         if not backlog:
@@ -504,10 +507,14 @@ class Session:
 
     async def _held(self, rid: Any, coro: Awaitable[None]) -> None:
         try:
-            # A read's answer may be large (a history page): start it only when what is
-            # queued for this connection has gone to the socket, so that a client that
-            # asks and never reads holds one answer here, not one per request.
-            await self._written()
+            # A read's answer may be large (a history page): start it once what is
+            # queued for this connection has gone to the socket, or after _READ_WAIT
+            # (a reader with a standing backlog must still be answered), so that a
+            # client that asks and never reads holds few answers here (the outbox's
+            # byte limit closes it before they add up).
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_READ_WAIT):
+                    await self._written()
             await self._guard(rid, coro)
         finally:
             self._busy = False

@@ -132,7 +132,7 @@ class RawConn:
                         self._used.add(i)
                         return self.frames[i]
                 if self.closed.is_set():
-                    raise ConnectionClosed(self.ws.protocol.close_rcvd, self.ws.protocol.close_sent)
+                    raise self.ws.protocol.close_exc
                 self._changed.clear()
                 await self._changed.wait()
 
