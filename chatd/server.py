@@ -94,7 +94,14 @@ class Server:
 
         if cfg.migrate:
             await upgrade_async(cfg.db_url)
-        await check_schema_async(cfg.db_url)  # also with --migrate false: refuse, don't limp
+        # Also with --migrate false: refuse a missing or older schema rather than limp.
+        newer = await check_schema_async(cfg.db_url, allow_newer=not cfg.migrate)
+        if newer is not None:
+            log.warning(
+                "the database schema is at revision %s, newer than this chatd knows: "
+                "running on it as --migrate false asks (a rolling upgrade)",
+                newer,
+            )
         await self.store.open()
         await self.broker.start(self.hub.deliver)
         self._ws = await serve(

@@ -89,12 +89,17 @@ def _mismatch(current: str | None) -> SchemaMismatch:
     )
 
 
-async def check_schema_async(url: str) -> None:
+async def check_schema_async(url: str, *, allow_newer: bool = False) -> str | None:
     """Raise SchemaMismatch unless the database at `url` is at this package's head
-    revision (StorageUnavailable when it cannot be reached)."""
+    revision (StorageUnavailable when it cannot be reached). `allow_newer`: a revision
+    this package does not know (a newer chatd migrated it) is returned instead, for a
+    rolling upgrade that migrates first and restarts the old nodes on it."""
     current = await current_revision_async(url)
-    if current != head_revision():
-        raise _mismatch(current)
+    if current == head_revision():
+        return None
+    if allow_newer and current is not None and current not in _known_revisions():
+        return current
+    raise _mismatch(current)
 
 
 def _upgrade_sync(connection: Connection, url: str) -> None:

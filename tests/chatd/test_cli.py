@@ -114,6 +114,26 @@ def test_serve_refuses_a_schema_newer_than_itself(tmp_path: Path) -> None:
     assert "9999_future" in line and "newer chatd" in line
 
 
+def test_serve_with_migrate_false_runs_on_a_newer_schema(tmp_path: Path) -> None:
+    """A rolling upgrade migrates first, then restarts the old nodes with --migrate
+    false: they run on the newer schema (with a warning) instead of refusing it."""
+    db = f"sqlite:///{tmp_path}/rolling.db"
+    assert main(["migrate", "--db", db]) == 0
+    with sqlite3.connect(tmp_path / "rolling.db") as conn:
+        conn.execute("UPDATE alembic_version SET version_num = '9999_future'")
+    argv = [sys.executable, "-m", "chatd", "serve", "--port", "0", "--db", db]
+    argv += ["--jwt-secret", "s" * 32, "--migrate", "false"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert "listening on ws://" in proc.stdout.readline()
+    finally:
+        proc.terminate()
+        _out, err = proc.communicate(timeout=30)
+    assert "9999_future" in err and "rolling upgrade" in err
+    assert proc.returncode == 0
+
+
 def test_serve_on_a_taken_port_exits_1_with_one_line(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
