@@ -813,17 +813,17 @@ class Session:
         if self._closing:
             return
         waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            # The writer is idle, so the outbox is empty: write without waking it when
-            # nothing can make the write wait (no task switch per frame on the hot path).
-            if self._write_soon(item):
-                return
-            self._outbox.append(item)
-            self._outbox_bytes += len(item[2]) + (len(item[3]) if item[3] else 0)
-            waiter.set_result(None)
+        idle = waiter is not None and not waiter.done()
+        # The writer is idle, so the outbox is empty: write without waking it when
+        # nothing can make the write wait (no task switch per frame on the hot path).
+        if idle and self._write_soon(item):
             return
         self._outbox.append(item)
         self._outbox_bytes += len(item[2]) + (len(item[3]) if item[3] else 0)
+        if idle:
+            assert waiter is not None
+            waiter.set_result(None)
+            return
         config = self.ctx.config
         if len(self._outbox) > config.outbox_limit or self._outbox_bytes > config.outbox_bytes:
             # It loses nothing: it resumes with `since` and reads the rest from storage.
