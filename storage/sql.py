@@ -52,7 +52,7 @@ import contextlib
 import logging
 import math
 import sqlite3
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, cast
@@ -191,20 +191,23 @@ class _PendingMsg:
     event_rows: list[dict[str, Any]] = field(default_factory=list)
 
 
+def _answer_failed(ops: Sequence[_Op], make: Callable[[], BaseException]) -> None:
+    """Answer every op of `ops` not answered yet with a new exception from `make`."""
+    for op in ops:
+        if not op.future.done():
+            op.future.set_exception(make())
+
+
 def _fail_ops(ops: Sequence[_Op], why: str) -> None:
     """Answer every op of `ops` not answered yet with StorageUnavailable(why)."""
-    for op in ops:
-        if not op.future.done():
-            op.future.set_exception(StorageUnavailable(why))
+    _answer_failed(ops, lambda: StorageUnavailable(why))
 
 
-def _reject_ops(ops: Sequence[_Op], error: BaseException) -> None:
-    """Answer every op of `ops` not answered yet with StorageRejected (its data was refused)."""
-    for op in ops:
-        if not op.future.done():
-            rejected = StorageRejected(f"the database refused the write: {type(error).__name__}")
-            rejected.__cause__ = error
-            op.future.set_exception(rejected)
+def _rejected(error: BaseException) -> StorageRejected:
+    """StorageRejected for a write whose data the database refused with `error`."""
+    rejected = StorageRejected(f"the database refused the write: {type(error).__name__}")
+    rejected.__cause__ = error
+    return rejected
 
 
 def _encode_body(body: str | bytes) -> tuple[bytes, bool]:
@@ -496,22 +499,19 @@ class SqlStore:
                     continue
                 break
         if error is not None:
-            if (
-                is_driver_error(error)
-                or isinstance(error, StorageUnavailable)
-                or is_data_error(error)
-            ):
+            refused = is_data_error(error)
+            if is_driver_error(error) or isinstance(error, StorageUnavailable) or refused:
                 log.warning("storage batch of %d failed: %s", len(batch), type(error).__name__)
             else:
                 log.exception("storage batch of %d failed unexpectedly", len(batch), exc_info=error)
             if cancelled:  # the writer is being stopped: answer the batch, then stop
                 _fail_ops(batch, "store closed")
                 raise asyncio.CancelledError
-            if is_data_error(error):
+            if refused:
                 if len(batch) > 1:
                     await self._run_alone(batch)
                 else:
-                    _reject_ops(batch, error)
+                    _answer_failed(batch, lambda: _rejected(error))
                 return
             _fail_ops(batch, f"transaction failed: {type(error).__name__}")
             return
