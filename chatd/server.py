@@ -93,15 +93,15 @@ class Server:
         from storage.migrate import check_schema_async, upgrade_async
 
         if cfg.migrate:
-            await upgrade_async(cfg.db_url)
-        # Also with --migrate false: refuse a missing or older schema rather than limp.
-        newer = await check_schema_async(cfg.db_url, allow_newer=not cfg.migrate)
-        if newer is not None:
-            log.warning(
-                "the database schema is at revision %s, newer than this chatd knows: "
-                "running on it as --migrate false asks (a rolling upgrade)",
-                newer,
-            )
+            await upgrade_async(cfg.db_url)  # at the head after it, or it raises
+        else:  # refuse a missing or older schema rather than limp
+            newer = await check_schema_async(cfg.db_url)
+            if newer is not None:
+                log.warning(
+                    "the database schema is at revision %s, newer than this chatd knows: "
+                    "running on it as --migrate false asks (a rolling upgrade)",
+                    newer,
+                )
         await self.store.open()
         await self.broker.start(self.hub.deliver)
         self._ws = await serve(

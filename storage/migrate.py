@@ -89,15 +89,15 @@ def _mismatch(current: str | None) -> SchemaMismatch:
     )
 
 
-async def check_schema_async(url: str, *, allow_newer: bool = False) -> str | None:
-    """Raise SchemaMismatch unless the database at `url` is at this package's head
-    revision (StorageUnavailable when it cannot be reached). `allow_newer`: a revision
-    this package does not know (a newer chatd migrated it) is returned instead, for a
-    rolling upgrade that migrates first and restarts the old nodes on it."""
+async def check_schema_async(url: str) -> str | None:
+    """For a node that does not migrate: None when the database at `url` is at this
+    package's head revision; a revision this package does not know (a newer chatd
+    migrated it: a rolling upgrade migrates first, then restarts the old nodes on it);
+    else SchemaMismatch (missing or older). StorageUnavailable when unreachable."""
     current = await current_revision_async(url)
     if current == head_revision():
         return None
-    if allow_newer and current is not None and current not in _known_revisions():
+    if current is not None and current not in _known_revisions():
         return current
     raise _mismatch(current)
 
