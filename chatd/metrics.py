@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-if TYPE_CHECKING:
-    from storage.sql import SqlStore
+from storage.base import Store
+
 
 __all__ = ["Metrics"]
 
@@ -53,7 +52,7 @@ class Metrics:
             registry=r,
         )
 
-    def watch_store(self, store: SqlStore) -> None:
+    def watch_store(self, store: Store) -> None:
         """Export the store's group-commit counters, read at scrape time."""
         self.registry.register(_StoreCollector(store))
 
@@ -68,13 +67,13 @@ class Metrics:
 class _StoreCollector(Collector):
     """Read at scrape time: the store counts its batches itself (on its writer)."""
 
-    def __init__(self, store: SqlStore) -> None:
+    def __init__(self, store: Store) -> None:
         self._store = store
 
     def collect(self) -> Iterator[Metric]:
-        store = self._store
-        ops, sizes = store.batched_ops, list(store.batch_sizes)
-        txs = sum(sizes)
+        stats = self._store.stats()
+        ops, sizes = stats.batched_ops, stats.batch_sizes
+        txs = stats.batches
         yield CounterMetricFamily(
             "chatd_storage_batches", "Group-commit transactions committed", value=txs
         )
@@ -83,7 +82,7 @@ class _StoreCollector(Collector):
         )
         buckets: list[tuple[str, float]] = []
         seen = 0
-        for bound, n in zip((*store.BATCH_SIZE_BOUNDS, math.inf), sizes, strict=True):
+        for bound, n in zip((*stats.batch_bounds, math.inf), sizes, strict=True):
             seen += n
             buckets.append(("+Inf" if bound == math.inf else str(bound), seen))
         yield HistogramMetricFamily(

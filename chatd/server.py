@@ -74,11 +74,7 @@ class Server:
         self.store = store if store is not None else build_store(config)
         self.broker = broker if broker is not None else build_broker(config)
         self.hub = Hub(self.broker, config.limits)
-        from storage.sql import SqlStore
-
-        sql = self.store
-        if isinstance(sql, SqlStore):
-            self.metrics.watch_store(sql)
+        self.metrics.watch_store(self.store)
         self.ctx = Context(
             config, self.store, self.broker, self.hub, authenticator_for(config), self.metrics
         )

@@ -594,7 +594,7 @@ class Session:
             pend = asyncio.get_running_loop().create_future()
             self._pending[f.cmid] = pend
         try:
-            fut = ctx.store.send_soon(self.user, f.to, f.cmid, f.body, f.type, now_ms())
+            fut = ctx.store.send(self.user, f.to, f.cmid, f.body, f.type, now_ms())
         except BaseException:
             if pend is not None:
                 self._unpend(f.cmid, pend, None)
@@ -682,7 +682,7 @@ class Session:
             if f.id is not None:
                 self._reply(encode_map({"t": "ok", "id": f.id}))
             return
-        fut = self.ctx.store.mark_soon(self.user, f.conv, f.kind, f.upto, now_ms())
+        fut = self.ctx.store.mark(self.user, f.conv, f.kind, f.upto, now_ms())
         self._track(fut)
         fut.add_done_callback(lambda done: self._mark_done(f, done))
 

@@ -36,6 +36,7 @@ __all__ = [
     "StorageRejected",
     "StorageUnavailable",
     "Store",
+    "StoreStats",
     "StoredMessage",
     "UptoTooHigh",
     "conv_id",
@@ -161,6 +162,24 @@ class ConvSummary:
     """The other person's read watermark."""
 
 
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    """What a store has committed so far, for metrics."""
+
+    batched_ops: int
+    """Writes (sends and marks) in the committed transactions."""
+    batch_bounds: tuple[int, ...]
+    """Upper bounds of the buckets of `batch_sizes` (writes per transaction)."""
+    batch_sizes: tuple[int, ...]
+    """Transactions by size: `batch_sizes[i]` counts those with
+    batch_bounds[i-1] < writes <= batch_bounds[i]; the last one counts those above all."""
+
+    @property
+    def batches(self) -> int:
+        """Transactions committed."""
+        return sum(self.batch_sizes)
+
+
 class Store(Protocol):
     """The source of truth. Every method may raise `StorageUnavailable`."""
 
@@ -170,41 +189,38 @@ class Store(Protocol):
     async def close(self) -> None:
         """Finish (or fail with StorageUnavailable) every queued write, then disconnect."""
 
-    async def send(
+    def send(
         self, sender: str, recipient: str, cmid: str, body: str | bytes, type: str, ts: int
-    ) -> SendOutcome:
-        """Store a message durably (committed before it returns), once per (sender, cmid).
+    ) -> asyncio.Future[SendOutcome]:
+        """Store a message durably, once per (sender, cmid): the write is queued at once
+        (or StorageUnavailable raised) and the future ends when it is committed.
 
         Assigns `seq` in the conversation and one `cur` in each of the two
-        streams. A repeated (sender, cmid) returns the original with dup=True,
-        whatever its recipient and body. Group commit: concurrent calls share
-        one transaction. `sender != recipient` is the caller's job.
+        streams. A repeated (sender, cmid) ends with the original and dup=True,
+        whatever its recipient and body. Group commit: concurrent writes share
+        one transaction. `sender != recipient` is the caller's job. A future (not
+        a coroutine) so that the server's hot path adds a done-callback instead of
+        running a task per message; `await store.send(...)` works the same.
         """
 
-    async def mark(self, user: str, conv: str, kind: MarkKind, upto: int, ts: int) -> MarkOutcome:
-        """Move `user`'s watermark of `kind` in `conv` forward, durably.
+    def mark(
+        self, user: str, conv: str, kind: MarkKind, upto: int, ts: int
+    ) -> asyncio.Future[MarkOutcome]:
+        """Move `user`'s watermark of `kind` in `conv` forward, durably (a future, like
+        `send`).
 
-        Raises NotAMember when `user` is not in `conv`, UptoTooHigh when
+        Fails with NotAMember when `user` is not in `conv`, UptoTooHigh when
         `upto` > the conversation's last seq (0 for none). Otherwise `upto` is
         capped at the last seq of a message sent *to* `user`; if the capped
         value is not above the current watermark nothing is stored and
-        MarkOutcome(receipt=None) is returned. A `read` also raises the
+        MarkOutcome(receipt=None) is the result. A `read` also raises the
         delivered watermark to at least the same value, storing a single
         `read` receipt event in each of the two streams. Unread counts drop
         accordingly. Shares the group commit with `send`.
         """
 
-    def send_soon(
-        self, sender: str, recipient: str, cmid: str, body: str | bytes, type: str, ts: int
-    ) -> asyncio.Future[SendOutcome]:
-        """`send` as a future: the write is queued at once (or StorageUnavailable raised);
-        the future ends as `send` would return or raise. For callers that would rather
-        add a done-callback than run a task per message (the server's hot path)."""
-
-    def mark_soon(
-        self, user: str, conv: str, kind: MarkKind, upto: int, ts: int
-    ) -> asyncio.Future[MarkOutcome]:
-        """`mark` as a future, like `send_soon`."""
+    def stats(self) -> StoreStats:
+        """Counters of the writes committed so far (read by metrics at scrape time)."""
 
     async def find_sent(self, sender: str, cmid: str) -> SendOutcome | None:
         """The stored message of (sender, cmid) as a dup outcome, or None."""

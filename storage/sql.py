@@ -82,6 +82,7 @@ from storage.base import (
     StorageRejected,
     StorageUnavailable,
     StoredMessage,
+    StoreStats,
     UptoTooHigh,
     conv_id,
 )
@@ -408,44 +409,32 @@ class SqlStore:
             raise StorageUnavailable("store is not open")
         self._queue.put_nowait(op)
 
-    async def send(
-        self, sender: str, recipient: str, cmid: str, body: str | bytes, type: str, ts: int
-    ) -> SendOutcome:
-        """Store a message durably (committed before it returns), once per (sender, cmid).
-
-        Assigns `seq` in the conversation and one `cur` in each of the two
-        streams. A repeated (sender, cmid) returns the original with dup=True,
-        whatever its recipient and body (also when both are in one batch).
-        Group commit: concurrent calls share one transaction.
-        `sender != recipient` is the caller's job. If the caller is cancelled
-        while waiting, the message may still be stored (a retry is a dup).
-        """
-        return await self.send_soon(sender, recipient, cmid, body, type, ts)
-
-    def send_soon(
+    def send(
         self, sender: str, recipient: str, cmid: str, body: str | bytes, type: str, ts: int
     ) -> asyncio.Future[SendOutcome]:
-        """`send` as a future (queued at once; see `Store.send_soon`)."""
+        """Store a message durably, once per (sender, cmid) (see `Store.send`): queued at
+        once, the future ends when it is committed. A repeated (sender, cmid) is a dup
+        also when both are in one batch. If the caller stops waiting, the message may
+        still be stored (a retry is a dup)."""
         fut: asyncio.Future[SendOutcome] = asyncio.get_running_loop().create_future()
         self._submit(_SendOp(sender, recipient, cmid, body, type, ts, fut))
         return fut
 
-    async def mark(self, user: str, conv: str, kind: MarkKind, upto: int, ts: int) -> MarkOutcome:
+    def mark(
+        self, user: str, conv: str, kind: MarkKind, upto: int, ts: int
+    ) -> asyncio.Future[MarkOutcome]:
         """Move `user`'s watermark of `kind` in `conv` forward, durably (see `Store.mark`).
 
         NotAMember also covers a conversation that does not exist (yet).
         """
-        return await self.mark_soon(user, conv, kind, upto, ts)
-
-    def mark_soon(
-        self, user: str, conv: str, kind: MarkKind, upto: int, ts: int
-    ) -> asyncio.Future[MarkOutcome]:
-        """`mark` as a future (queued at once; see `Store.send_soon`)."""
         if kind not in ("delivered", "read"):
             raise ValueError(f"bad mark kind: {kind!r}")
         fut: asyncio.Future[MarkOutcome] = asyncio.get_running_loop().create_future()
         self._submit(_MarkOp(user, conv, kind, upto, ts, fut))
         return fut
+
+    def stats(self) -> StoreStats:
+        return StoreStats(self.batched_ops, self.BATCH_SIZE_BOUNDS, tuple(self.batch_sizes))
 
     async def _writer(self) -> None:
         queue = self._queue

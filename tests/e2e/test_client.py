@@ -30,7 +30,7 @@ async def test_concurrent_send_retries_share_one_reconnect(srv: Server, clients:
 async def test_send_retry_after_unavailable_stores_once(srv: Server, clients: Clients) -> None:
     """`unavailable` is retried with the same cmid; a retry of a stored one is a dup."""
     alice = await clients.connect(srv, "alice")
-    real_send = srv.store.send_soon
+    real_send = srv.store.send
     calls = 0
 
     def flaky(*args: object, **kw: object) -> asyncio.Future[object]:
@@ -49,11 +49,11 @@ async def test_send_retry_after_unavailable_stores_once(srv: Server, clients: Cl
         real_send(*args, **kw).add_done_callback(done)  # type: ignore[arg-type]
         return out
 
-    srv.store.send_soon = flaky  # type: ignore[method-assign,assignment]
+    srv.store.send = flaky  # type: ignore[method-assign,assignment]
     try:
         s = await alice.send("bob", "once", cmid="k1")
     finally:
-        srv.store.send_soon = real_send  # type: ignore[method-assign]
+        srv.store.send = real_send  # type: ignore[method-assign]
     assert calls == 2 and s.dup is True and s.seq == 1
     assert len((await alice.history("bob")).msgs) == 1
 

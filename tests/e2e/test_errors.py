@@ -377,7 +377,7 @@ async def test_storage_unavailable_nothing_stored_connection_usable(
         return fut
 
     with monkeypatch.context() as m:
-        m.setattr(srv.store, "send_soon", failed_write)
+        m.setattr(srv.store, "send", failed_write)
         err = await raw.request({"t": "send", "id": 1, "to": "bob", "cmid": "c", "body": "x"})
         assert err_code(err) == "unavailable" and err["id"] == 1
         assert "database down" not in err["msg"]
@@ -400,8 +400,8 @@ async def test_internal_error(
     def boom(*args: object, **kw: object) -> object:
         raise RuntimeError("secret internals")
 
-    monkeypatch.setattr(srv.store, "send_soon", boom)
-    monkeypatch.setattr(srv.store, "mark_soon", boom)
+    monkeypatch.setattr(srv.store, "send", boom)
+    monkeypatch.setattr(srv.store, "mark", boom)
     err = await raw.request({"t": "send", "id": 1, "to": "bob", "cmid": "c", "body": "x"})
     assert err_code(err) == "internal" and "secret" not in err["msg"]
     err = await raw.request({"t": "read", "id": 2, "conv": "abc", "upto": 1})

@@ -166,14 +166,14 @@ async def test_a_mark_at_or_below_a_committed_watermark_costs_no_write(
         await alice.request({"t": "send", "id": i, "to": "bob", "cmid": f"c{i}", "body": "x"})
     await bob.request({"t": "send", "id": "own", "to": "alice", "cmid": "b", "body": "x"})
     conv = conv_id("alice", "bob")  # seq 1-3 to bob, 4 his own
-    real = srv.store.mark_soon
+    real = srv.store.mark
     calls: list[tuple[str, int]] = []
 
     def counting(user: str, c: str, kind: Any, upto: int, ts: int) -> Any:
         calls.append((kind, upto))
         return real(user, c, kind, upto, ts)
 
-    monkeypatch.setattr(srv.store, "mark_soon", counting)
+    monkeypatch.setattr(srv.store, "mark", counting)
     r = await bob.request({"t": "read", "id": "r", "conv": conv, "upto": 4})  # capped at 3
     assert r == {"t": "ok", "id": "r"}
     for i in range(100):

@@ -184,7 +184,7 @@ async def test_held_frames_are_released_when_writes_finish(
         return fut
 
     monkeypatch.setattr(srv.store, "find_sent", slow_find_sent)
-    monkeypatch.setattr(srv.store, "mark_soon", slow_mark)
+    monkeypatch.setattr(srv.store, "mark", slow_mark)
     raw = await clients.raw_hello(srv, "alice")
     sent = await raw.request({"t": "send", "id": "s0", "to": "bob", "cmid": "c0", "body": "x"})
     assert sent["t"] == "sent"

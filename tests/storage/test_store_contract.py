@@ -421,7 +421,7 @@ async def test_close_cancelled_while_the_writer_waits_answers_every_write(
     s = SqlStore(store_url, commit_window=60.0)
     await s.open()
     await send(s, "alice", "bob", "m1")  # opens a window
-    held = s.send_soon("alice", "bob", "m2", "hi", "text", TS)
+    held = s.send("alice", "bob", "m2", "hi", "text", TS)
     await asyncio.sleep(0)  # the writer takes it (its wake-up was scheduled first)
     assert s._queue.qsize() == 0
     closing = asyncio.ensure_future(s.close())
@@ -432,7 +432,7 @@ async def test_close_cancelled_while_the_writer_waits_answers_every_write(
         with pytest.raises(StorageUnavailable):
             await held
     with pytest.raises(StorageUnavailable):
-        s.send_soon("alice", "bob", "m3", "hi", "text", TS)  # the writer is gone
+        s.send("alice", "bob", "m3", "hi", "text", TS)  # the writer is gone
     await s.close()
 
 
