@@ -17,7 +17,29 @@ from storage.urls import normalize_url, sqlite_path
 
 from .errors import ConfigError
 
-__all__ = ["OPTIONS", "Config", "add_options", "config_from_args"]
+__all__ = ["OPTIONS", "Config", "Policy", "add_options", "config_from_args"]
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """The server's policy towards its clients: rates, connections, patience. (The wire
+    limits a client relies on, sizes and page lengths, are `protocol.Limits`.)"""
+
+    send_rate: float = 20.0
+    """Sends per second per user (token bucket refill)."""
+    send_burst: int = 100
+    """Token bucket size for sends."""
+    typing_rate: float = 5.0
+    """Typing frames per second per user (burst of the same size)."""
+    max_connections_per_user: int = 10
+    """Connections of one user on one node at most (more: rate_limited, close 1013)."""
+    hello_timeout: float = 10.0
+    """Seconds a new connection has to send `hello`."""
+    max_bad_frames: int = 10
+    """The Nth `bad_frame` in a row is answered, then the connection closes 1008."""
+    max_frame_rate: int = 1000
+    """WebSocket messages per second one connection may send (averaged over runs of
+    this many); faster: close 1008. Far above what any client needs (sends are 20/s)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +69,7 @@ class Config:
     """Allocations between young garbage collections (0: CPython's default of 700)."""
     log_level: str = "INFO"
     limits: Limits = field(default_factory=Limits)
+    policy: Policy = field(default_factory=Policy)
 
     @property
     def db_url(self) -> str:
@@ -78,17 +101,26 @@ def _algs(text: str) -> tuple[str, ...]:
 @dataclass(frozen=True, slots=True)
 class Option:
     name: str
-    """Config field (or `limits.<field>`)."""
+    """Config field (or `limits.<field>`, `policy.<field>`)."""
     parse: Callable[[str], Any]
     help: str
 
     @property
     def flag(self) -> str:
-        return "--" + self.name.removeprefix("limits.").replace("_", "-")
+        return "--" + self.field.replace("_", "-")
 
     @property
     def env(self) -> str:
-        return "CHATD_" + self.name.removeprefix("limits.").upper()
+        return "CHATD_" + self.field.upper()
+
+    @property
+    def group(self) -> str:
+        """The sub-config it belongs to ("limits", "policy"), or "" for a top-level field."""
+        return self.name.rpartition(".")[0]
+
+    @property
+    def field(self) -> str:
+        return self.name.rpartition(".")[2]
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -114,13 +146,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("log_level", str, "DEBUG, INFO, WARNING or ERROR"),
     Option("limits.max_frame", int, "largest frame in bytes (above: close 1009)"),
     Option("limits.max_body", int, "largest message body in bytes"),
-    Option("limits.send_rate", float, "sends per second per user"),
-    Option("limits.send_burst", int, "send burst per user"),
-    Option("limits.typing_rate", float, "typing frames per second per user"),
-    Option("limits.max_connections_per_user", int, "connections per user"),
-    Option("limits.hello_timeout", float, "seconds to send hello"),
-    Option("limits.max_bad_frames", int, "bad frames in a row before close 1008"),
-    Option("limits.max_frame_rate", int, "messages per second per connection (more: 1008)"),
+    Option("policy.send_rate", float, "sends per second per user"),
+    Option("policy.send_burst", int, "send burst per user"),
+    Option("policy.typing_rate", float, "typing frames per second per user"),
+    Option("policy.max_connections_per_user", int, "connections per user"),
+    Option("policy.hello_timeout", float, "seconds to send hello"),
+    Option("policy.max_bad_frames", int, "bad frames in a row before close 1008"),
+    Option("policy.max_frame_rate", int, "messages per second per connection (more: 1008)"),
     Option("limits.history_bytes", int, "message bytes in one history reply at most"),
 )
 
@@ -137,8 +169,7 @@ def add_options(parser: argparse.ArgumentParser, names: set[str] | None = None) 
 
 def config_from_args(ns: argparse.Namespace, env: Mapping[str, str] | None = None) -> Config:
     env = os.environ if env is None else env
-    top: dict[str, Any] = {}
-    lim: dict[str, Any] = {}
+    groups: dict[str, dict[str, Any]] = {"": {}, "limits": {}, "policy": {}}
     for opt in OPTIONS:
         value = getattr(ns, opt.name, None)
         if value is None and opt.env in env:
@@ -148,13 +179,13 @@ def config_from_args(ns: argparse.Namespace, env: Mapping[str, str] | None = Non
                 raise ConfigError(f"{opt.env}: {exc}") from None
         if value is None:
             continue
-        if opt.name.startswith("limits."):
-            lim[opt.name.removeprefix("limits.")] = value
-        else:
-            top[opt.name] = value
-    cfg = Config(**top)
-    if lim:
-        cfg = replace(cfg, limits=replace(cfg.limits, **lim))
+        groups[opt.group][opt.field] = value
+    cfg = Config(**groups[""])
+    cfg = replace(
+        cfg,
+        limits=replace(cfg.limits, **groups["limits"]),
+        policy=replace(cfg.policy, **groups["policy"]),
+    )
     _check(cfg)
     return cfg
 
@@ -165,9 +196,10 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"unknown broker {cfg.broker!r}: this version has 'memory' only")
     if not 0 <= cfg.port <= 65535:
         raise ConfigError(f"port {cfg.port} out of range")
-    for f in fields(Limits):
-        if getattr(cfg.limits, f.name) <= 0:
-            raise ConfigError(f"limit {f.name} must be positive")
+    for sub in (cfg.limits, cfg.policy):
+        for f in fields(sub):
+            if getattr(sub, f.name) <= 0:
+                raise ConfigError(f"limit {f.name} must be positive")
     if not 0.0 <= cfg.jwt_leeway <= 300.0:
         raise ConfigError("jwt_leeway must be between 0 and 300 seconds")
     if cfg.outbox_limit < 1 or cfg.outbox_bytes < 1:

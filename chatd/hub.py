@@ -7,9 +7,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from protocol import Limits
-
 from .broker import Broker, LiveEvent
+from .config import Policy
 from .ratelimit import TokenBucket
 
 if TYPE_CHECKING:
@@ -34,14 +33,14 @@ class UserState:
 
 
 class Hub:
-    def __init__(self, broker: Broker, limits: Limits) -> None:
+    def __init__(self, broker: Broker, policy: Policy) -> None:
         self._broker = broker
-        self._limits = limits
+        self._policy = policy
         self._users: dict[str, UserState] = {}
         self._resting: dict[str, tuple[float, UserState]] = {}
         """Users whose last connection closed, with when: their rate limits are kept
         until the buckets would have refilled, so reconnecting does not reset them."""
-        self._rest_for = max(limits.send_burst / limits.send_rate, 1.0)
+        self._rest_for = max(policy.send_burst / policy.send_rate, 1.0)
         """Seconds until an unused send bucket is full (typing's refills within 1 s)."""
 
     def deliver(self, user: str, event: LiveEvent) -> None:
@@ -61,7 +60,7 @@ class Hub:
                 state = resting[1]
                 self._users[user] = state
                 return state
-            lim = self._limits
+            lim = self._policy
             state = UserState(
                 sends=TokenBucket(lim.send_rate, lim.send_burst, now),
                 typing=TokenBucket(lim.typing_rate, lim.typing_rate, now),
@@ -72,7 +71,7 @@ class Hub:
     async def attach(self, session: Session) -> UserState:
         """Register a session; raises TooManyConnections over the per-user limit."""
         state = self.user_state(session.user)
-        if len(state.sessions) >= self._limits.max_connections_per_user:
+        if len(state.sessions) >= self._policy.max_connections_per_user:
             raise TooManyConnections(session.user)
         first = not state.sessions
         state.sessions.add(session)

@@ -73,7 +73,7 @@ class Server:
         self.metrics = Metrics()
         self.store = store if store is not None else build_store(config)
         self.broker = broker if broker is not None else build_broker(config)
-        self.hub = Hub(self.broker, config.limits)
+        self.hub = Hub(self.broker, config.policy)
         self.metrics.watch_store(self.store)
         self.ctx = Context(
             config, self.store, self.broker, self.hub, authenticator_for(config), self.metrics

@@ -262,9 +262,9 @@ class Session:
     # ------------------------------------------------------------------ handshake
 
     async def _await_hello(self) -> Hello | None:
-        limits = self.ctx.config.limits
+        policy = self.ctx.config.policy
         try:
-            async with asyncio.timeout(limits.hello_timeout):
+            async with asyncio.timeout(policy.hello_timeout):
                 while True:
                     data = await self._recv()
                     try:
@@ -362,7 +362,7 @@ class Session:
         if self._closing:
             return
         count = self._count + 1
-        if count > self.ctx.config.limits.max_frame_rate:  # more than N in a second?
+        if count > self.ctx.config.policy.max_frame_rate:  # more than N in a second?
             now = time.monotonic()
             if now - self._count_since < 1.0:
                 self._close_drained(CloseCode.POLICY_VIOLATION, "too many frames")
@@ -450,7 +450,7 @@ class Session:
                 self._bad_in_row = 0
                 return None, answer, False
             self._bad_in_row += 1
-            return None, answer, self._bad_in_row >= ctx.config.limits.max_bad_frames
+            return None, answer, self._bad_in_row >= ctx.config.policy.max_bad_frames
         self._bad_in_row = 0
         ctx.metrics.frame_in(frame.t)
         return frame, None, False

@@ -16,31 +16,33 @@ import msgpack
 from .errors import ErrorCode, FrameError
 from .frames import (
     ClientFrame,
-    ConvInfo,
-    ConvsReply,
     ConvsRequest,
-    Error,
     Hello,
-    HistoryReply,
     HistoryRequest,
     Mark,
-    Msg,
-    Ok,
     Ping,
-    Pong,
-    Receipt,
     RequestId,
     Send,
-    Sent,
-    ServerFrame,
-    Synced,
     Typing,
-    TypingEvent,
-    Welcome,
     body_size,
     check_request_id,
 )
 from .limits import Limits
+from .server_frames import (
+    ConvInfo,
+    ConvsReply,
+    Error,
+    HistoryReply,
+    Msg,
+    Ok,
+    Pong,
+    Receipt,
+    Sent,
+    ServerFrame,
+    Synced,
+    TypingEvent,
+    Welcome,
+)
 
 __all__ = [
     "decode_client",

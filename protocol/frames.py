@@ -1,9 +1,10 @@
-"""Frames of chatd.v1: immutable, slotted, validated in their constructors.
+"""Client frames of chatd.v1 (what a client sends): immutable, slotted, validated in
+their constructors; and the value rules both directions share.
 
-Client frames (what a client sends) and server frames (what the server sends)
-are separate classes even where they share a `t` (`typing`, `history`,
-`convs`): the direction decides the shape. `to_wire()` gives the MessagePack
-map for a frame, leaving out optional keys that are absent.
+Server frames live in `server_frames` as separate classes, even where they share
+a `t` with a client frame (`typing`, `history`, `convs`): the direction decides
+the shape. `to_wire()` gives the MessagePack map for a frame, leaving out
+optional keys that are absent.
 
 Whose fault an error is: a constructor raises `FrameError` with code
 `bad_request` (or `too_large`) when the *sender of the frame* got it wrong.
@@ -12,7 +13,7 @@ Whose fault an error is: a constructor raises `FrameError` with code
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from .errors import ErrorCode, FrameError
@@ -20,33 +21,23 @@ from .errors import ErrorCode, FrameError
 __all__ = [
     "PROTOCOL_VERSION",
     "SUBPROTOCOL",
+    "Body",
     "ClientFrame",
-    "ConvInfo",
-    "ConvsReply",
     "ConvsRequest",
     "Delivered",
-    "Error",
     "Hello",
-    "HistoryReply",
     "HistoryRequest",
     "Mark",
-    "Msg",
-    "Ok",
+    "MarkKind",
     "Opaque",
     "Ping",
-    "Pong",
     "Read",
-    "Receipt",
     "RequestId",
     "Send",
-    "Sent",
-    "ServerFrame",
-    "Synced",
     "Typing",
-    "TypingEvent",
-    "Welcome",
     "body_size",
     "is_user_id",
+    "put",
 ]
 
 PROTOCOL_VERSION = 1
@@ -121,7 +112,7 @@ def _bool(value: object, name: str) -> None:
         raise _bad(f"'{name}' must be a boolean")
 
 
-def _put(out: dict[str, Any], key: str, value: object) -> None:
+def put(out: dict[str, Any], key: str, value: object) -> None:
     if value is not None:
         out[key] = value
 
@@ -149,8 +140,8 @@ class Hello:
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"t": self.t, "token": self.token, "device": self.device}
-        _put(out, "id", self.id)
-        _put(out, "since", self.since)
+        put(out, "id", self.id)
+        put(out, "since", self.since)
         return out
 
 
@@ -204,7 +195,7 @@ class Mark:
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"t": self.kind, "conv": self.conv, "upto": self.upto}
-        _put(out, "id", self.id)
+        put(out, "id", self.id)
         return out
 
 
@@ -230,7 +221,7 @@ class Typing:
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"t": self.t, "to": self.to, "on": self.on}
-        _put(out, "id", self.id)
+        put(out, "id", self.id)
         return out
 
 
@@ -252,8 +243,8 @@ class HistoryRequest:
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"t": self.t, "id": self.id, "with": self.with_}
-        _put(out, "before", self.before)
-        _put(out, "limit", self.limit)
+        put(out, "before", self.before)
+        put(out, "limit", self.limit)
         return out
 
 
@@ -270,7 +261,7 @@ class ConvsRequest:
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"t": self.t, "id": self.id}
-        _put(out, "limit", self.limit)
+        put(out, "limit", self.limit)
         return out
 
 
@@ -284,241 +275,8 @@ class Ping:
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"t": self.t}
-        _put(out, "id", self.id)
+        put(out, "id", self.id)
         return out
 
 
 ClientFrame = Hello | Send | Mark | Typing | HistoryRequest | ConvsRequest | Ping
-
-# --------------------------------------------------------------------------- server
-
-
-@dataclass(frozen=True, slots=True)
-class Welcome:
-    t: ClassVar[str] = "welcome"
-    user: str
-    device: str
-    cur: int
-    ts: int
-    id: RequestId | None = None
-
-    def to_wire(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "t": self.t,
-            "user": self.user,
-            "device": self.device,
-            "cur": self.cur,
-            "ts": self.ts,
-        }
-        _put(out, "id", self.id)
-        return out
-
-
-@dataclass(frozen=True, slots=True)
-class Synced:
-    t: ClassVar[str] = "synced"
-    cur: int
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"t": self.t, "cur": self.cur}
-
-
-@dataclass(frozen=True, slots=True)
-class Sent:
-    t: ClassVar[str] = "sent"
-    id: RequestId
-    cmid: str
-    mid: Opaque
-    conv: Opaque
-    seq: int
-    ts: int
-    cur: int
-    dup: bool = False
-
-    def to_wire(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "t": self.t,
-            "id": self.id,
-            "cmid": self.cmid,
-            "mid": self.mid,
-            "conv": self.conv,
-            "seq": self.seq,
-            "ts": self.ts,
-            "cur": self.cur,
-        }
-        if self.dup:
-            out["dup"] = True
-        return out
-
-
-@dataclass(frozen=True, slots=True)
-class Msg:
-    t: ClassVar[str] = "msg"
-    mid: Opaque
-    conv: Opaque
-    seq: int
-    from_: str
-    to: str
-    cmid: str
-    ts: int
-    type: str
-    body: Body
-    cur: int | None = None
-    """Absent in `history` replies."""
-
-    def to_wire(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "t": self.t,
-            "mid": self.mid,
-            "conv": self.conv,
-            "seq": self.seq,
-            "from": self.from_,
-            "to": self.to,
-            "cmid": self.cmid,
-            "ts": self.ts,
-            "type": self.type,
-            "body": self.body,
-        }
-        _put(out, "cur", self.cur)
-        return out
-
-
-@dataclass(frozen=True, slots=True)
-class Receipt:
-    t: ClassVar[str] = "receipt"
-    conv: Opaque
-    kind: MarkKind
-    upto: int
-    by: str
-    ts: int
-    cur: int
-
-    def to_wire(self) -> dict[str, Any]:
-        return {
-            "t": self.t,
-            "conv": self.conv,
-            "kind": self.kind,
-            "upto": self.upto,
-            "by": self.by,
-            "ts": self.ts,
-            "cur": self.cur,
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class TypingEvent:
-    t: ClassVar[str] = "typing"
-    from_: str
-    on: bool
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"t": self.t, "from": self.from_, "on": self.on}
-
-
-@dataclass(frozen=True, slots=True)
-class HistoryReply:
-    t: ClassVar[str] = "history"
-    id: RequestId
-    conv: Opaque
-    msgs: tuple[Msg, ...]
-    more: bool
-    delivered: int
-    read: int
-
-    def to_wire(self) -> dict[str, Any]:
-        return {
-            "t": self.t,
-            "id": self.id,
-            "conv": self.conv,
-            "msgs": [m.to_wire() for m in self.msgs],
-            "more": self.more,
-            "delivered": self.delivered,
-            "read": self.read,
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class ConvInfo:
-    conv: Opaque
-    with_: str
-    seq: int
-    ts: int
-    unread: int
-    delivered: int
-    read: int
-
-    def to_wire(self) -> dict[str, Any]:
-        return {
-            "conv": self.conv,
-            "with": self.with_,
-            "seq": self.seq,
-            "ts": self.ts,
-            "unread": self.unread,
-            "delivered": self.delivered,
-            "read": self.read,
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class ConvsReply:
-    t: ClassVar[str] = "convs"
-    id: RequestId
-    convs: tuple[ConvInfo, ...] = field(default=())
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"t": self.t, "id": self.id, "convs": [c.to_wire() for c in self.convs]}
-
-
-@dataclass(frozen=True, slots=True)
-class Pong:
-    t: ClassVar[str] = "pong"
-    ts: int
-    id: RequestId | None = None
-
-    def to_wire(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"t": self.t, "ts": self.ts}
-        _put(out, "id", self.id)
-        return out
-
-
-@dataclass(frozen=True, slots=True)
-class Ok:
-    t: ClassVar[str] = "ok"
-    id: RequestId
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"t": self.t, "id": self.id}
-
-
-@dataclass(frozen=True, slots=True)
-class Error:
-    t: ClassVar[str] = "error"
-    code: ErrorCode
-    msg: str
-    id: RequestId | None = None
-    retry_ms: int | None = None
-
-    @classmethod
-    def from_exc(cls, exc: FrameError) -> Error:
-        return cls(exc.code, exc.msg, exc.id, exc.retry_ms)
-
-    def to_wire(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"t": self.t, "code": str(self.code), "msg": self.msg}
-        _put(out, "id", self.id)
-        _put(out, "retry_ms", self.retry_ms)
-        return out
-
-
-ServerFrame = (
-    Welcome
-    | Synced
-    | Sent
-    | Msg
-    | Receipt
-    | TypingEvent
-    | HistoryReply
-    | ConvsReply
-    | Pong
-    | Ok
-    | Error
-)

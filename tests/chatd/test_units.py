@@ -16,7 +16,7 @@ import pytest
 from chatd.auth import Authenticator, load_or_create_secret
 from chatd.broker import Broker, LiveEvent
 from chatd.broker_memory import LocalBroker
-from chatd.config import Config, add_options, config_from_args
+from chatd.config import Config, Policy, add_options, config_from_args
 from chatd.errors import AuthError, ConfigError
 from chatd.hub import Hub, TooManyConnections
 from chatd.ratelimit import TokenBucket
@@ -70,7 +70,7 @@ class _FakeSession:
 
 async def test_hub_routes_to_every_session_of_the_user_and_enforces_the_limit() -> None:
     broker = LocalBroker()
-    hub = Hub(broker, Limits(max_connections_per_user=2))
+    hub = Hub(broker, Policy(max_connections_per_user=2))
     await broker.start(hub.deliver)
     a1, a2, a3, b = (_FakeSession(u) for u in ("alice", "alice", "alice", "bob"))
     await hub.attach(a1)  # type: ignore[arg-type]
@@ -124,7 +124,7 @@ def test_config_flag_beats_env_beats_default() -> None:
     cfg = config_from_args(_parse(["--port", "9100"]), env)
     assert cfg.port == 9100
     assert cfg.host == "0.0.0.0"
-    assert cfg.limits.send_rate == 2.5
+    assert cfg.policy.send_rate == 2.5
     assert cfg.limits.max_body == Limits().max_body
     assert config_from_args(_parse([]), {}) == Config()
 
@@ -229,7 +229,7 @@ async def test_hub_keeps_a_users_rate_limits_across_reconnects(
     """Closing the last connection must not refill the send bucket; only time does."""
     clock = [1000.0]
     monkeypatch.setattr("chatd.hub.time.monotonic", lambda: clock[0])
-    hub = Hub(LocalBroker(), Limits(send_burst=2, send_rate=1.0))
+    hub = Hub(LocalBroker(), Policy(send_burst=2, send_rate=1.0))
     first = _FakeSession("alice")
     state = await hub.attach(first)  # type: ignore[arg-type]
     assert state.sends.take(clock[0]) == 0.0
@@ -286,3 +286,12 @@ async def test_metrics_export_the_group_commit_batch_sizes(tmp_path: Path) -> No
     assert samples["chatd_storage_batch_ops_sum"] == 4
     assert samples["chatd_storage_batches_total"] == 2
     assert samples["chatd_storage_batched_ops_total"] == 4
+
+
+def test_default_policy_matches_the_contract() -> None:
+    pol = Policy()
+    assert (pol.send_rate, pol.send_burst) == (20.0, 100)
+    assert pol.typing_rate == 5.0
+    assert pol.max_connections_per_user == 10
+    assert pol.hello_timeout == 10.0
+    assert pol.max_bad_frames == 10

@@ -1,6 +1,6 @@
 """Fixtures of the end-to-end tests: real servers on port 0, real clients.
 
-- `make_config(**over)`: a Config on a SQLite file in tmp_path (Limits fields
+- `make_config(**over)`: a Config on a SQLite file in tmp_path (Limits and Policy fields
   may be given by name too, e.g. `make_config(send_burst=3)`).
 - `servers`: starts servers (`await servers.start(cfg)`), stops them at teardown.
 - `srv`: one running server with the default config (short hello timeout).
@@ -21,7 +21,7 @@ import pytest
 import pytest_asyncio
 
 from chatd.client import ChatClient
-from chatd.config import Config
+from chatd.config import Config, Policy
 from chatd.server import Server
 from protocol import Limits
 
@@ -29,6 +29,7 @@ from .helpers import RawConn
 
 SECRET = "e2e-test-secret-" + "x" * 64
 _LIMIT_FIELDS = {f.name for f in dataclasses.fields(Limits)}
+_POLICY_FIELDS = {f.name for f in dataclasses.fields(Policy)}
 
 
 class MakeConfig(Protocol):
@@ -39,13 +40,15 @@ class MakeConfig(Protocol):
 def make_config(tmp_path: Path) -> MakeConfig:
     def make(db: str | None = None, **over: Any) -> Config:
         limits = {k: over.pop(k) for k in list(over) if k in _LIMIT_FIELDS}
-        limits.setdefault("hello_timeout", 0.5)
+        policy = {k: over.pop(k) for k in list(over) if k in _POLICY_FIELDS}
+        policy.setdefault("hello_timeout", 0.5)
         cfg = Config(
             port=0,
             db=db or f"sqlite:///{tmp_path}/chatd.db",
             jwt_secret=SECRET,
             shutdown_timeout=3.0,
             limits=dataclasses.replace(Limits(), **limits),
+            policy=dataclasses.replace(Policy(), **policy),
         )
         return dataclasses.replace(cfg, **over)
 
