@@ -81,10 +81,10 @@ async def _serve(config: Config) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await server.start()
-    tune_gc(config.gc_young)
-    print(f"chatd listening on ws://{config.host}:{server.port}/ws", flush=True)
     try:
+        await server.start()  # a failed start still closes what it opened (the store)
+        tune_gc(config.gc_young)
+        print(f"chatd listening on ws://{config.host}:{server.port}/ws", flush=True)
         await stop.wait()
     finally:
         await server.stop()

@@ -1,5 +1,17 @@
 """`ChatConnection`: websockets' server connection, handing messages straight to the session.
 
+This is the one home of every use of websockets internals in chatd. Relied on
+(websockets 14 to 17, hence the pin `websockets>=14,<18` in pyproject.toml; check
+these on every upgrade):
+
+- `process_event()`: overridden to hand whole messages to a sink (below);
+- `protocol` (the sans-I/O `websockets.protocol.Protocol`): `state`, `send_binary()`,
+  `data_to_send()`, `fail()`, `close_exc`;
+- `send_data()`, `send_context()` and `paused` (write flow control): the writer puts
+  frames straight into the protocol's buffer and writes them itself (`queue`, `write`);
+- `request` / `response` after the handshake: the headers are dropped to save memory
+  (`forget_handshake`).
+
 websockets' asyncio API queues every incoming message for `recv()`, which a
 reader task awaits: a queue, a future and a task wake-up per frame. chatd
 decodes and acts on a frame without awaiting anything (a write is queued in
@@ -8,13 +20,15 @@ from the protocol callback instead. Everything else stays websockets': the
 handshake, framing, masking, size limits (`max_size` applies to a whole
 fragmented message), ping/pong, the closing handshake and write flow control.
 
-The session applies read flow control itself, with `transport.pause_reading()`
-(see `Session._on_message`).
+The session applies read flow control itself, with `pause_reading()` (see
+`Session._on_message`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from websockets.asyncio.server import ServerConnection
@@ -23,6 +37,8 @@ from websockets.protocol import State
 from websockets.typing import BytesLike
 
 __all__ = ["MAX_FRAGMENTS", "ChatConnection", "Sink"]
+
+log = logging.getLogger("chatd.connection")
 
 _DATA = (Opcode.BINARY, Opcode.TEXT, Opcode.CONT)
 
@@ -41,10 +57,87 @@ class ChatConnection(ServerConnection):
     _parts: list[BytesLike] | None = None
     """The fragments so far of a fragmented message."""
     _text = False
+    _flush_soon = False
+    conn_id = 0
+    """The server's number for this connection, for its log lines (set at accept)."""
+    """`_flush` is scheduled: queued frames wait in the protocol's buffer until it runs."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._sink: Sink | None = None
+
+    # ------------------------------------------------------------------ writing
+
+    def writable(self) -> bool:
+        """Frames queued now go out without waiting: the connection is open and the
+        socket's buffer is below its high mark."""
+        return (
+            self.protocol.state is State.OPEN
+            and not self.paused
+            and not self.transport.is_closing()
+        )
+
+    def queue(self, frames: Sequence[bytes]) -> None:
+        """Put binary frames in the protocol's outgoing buffer (only when `writable()`).
+        One socket write at the end of this loop iteration carries every frame queued
+        in it, unless websockets writes the buffer first; both keep their order."""
+        proto = self.protocol
+        for frame in frames:
+            proto.send_binary(frame)
+        if not self._flush_soon:
+            self._flush_soon = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_soon = False
+        if self.transport.is_closing():
+            return  # the socket is gone: the client resumes with `since`
+        try:
+            if self.protocol.state is State.OPEN:
+                data = self.protocol.data_to_send()
+                if data:  # else websockets wrote them already
+                    self.transport.write(b"".join(data))
+            else:
+                self.send_data()  # closing: websockets' own write (it may half-close)
+        except Exception as exc:  # as websockets' send_context does
+            log.info("conn %d: write failed: %s", self.conn_id, type(exc).__name__)
+            self.transport.abort()
+
+    async def write(self, frames: Sequence[bytes]) -> None:
+        """Write binary frames in order with one socket write, then wait while the
+        socket's buffer is above its high mark. `send_context()` checks the connection
+        is open before; nothing awaits in between, so no close can slip in. Raises
+        ConnectionClosed when it is not open."""
+        async with self.send_context():
+            proto = self.protocol
+            for frame in frames:
+                proto.send_binary(frame)
+            self.transport.write(b"".join(proto.data_to_send()))
+
+    # ------------------------------------------------------------------ reading
+
+    def pause_reading(self) -> None:
+        self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def close_exception(self) -> Exception:
+        """The ConnectionClosed to raise for a connection that is closed."""
+        return self.protocol.close_exc
+
+    def forget_handshake(self) -> None:
+        """Drop the upgrade's headers, which websockets keeps for the connection's lifetime.
+
+        chatd reads nothing from them after the upgrade, and they are the largest part
+        of an idle connection's memory (about 4 KiB). The request object itself stays:
+        websockets takes a non-None `request` to mean "handshake done", and its parser
+        still refers to it, so its headers are emptied in place.
+        """
+        if self.request is not None:
+            self.request.headers.clear()
+        self.response = None
 
     def set_sink(self, sink: Sink | None) -> None:
         """From now on every whole message goes to `sink` (None: to nobody)."""

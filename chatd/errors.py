@@ -4,7 +4,9 @@ from __future__ import annotations
 
 
 class ChatdError(Exception):
-    """Root of every error raised by the `chatd` package."""
+    """Root of every error that the `chatd` package defines and raises. (Errors of the
+    layers below reach callers as their own roots: `protocol.ProtocolError`,
+    `storage.base.StorageError`, and websockets' `ConnectionClosed`.)"""
 
 
 class ConfigError(ChatdError):

@@ -5,21 +5,29 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from .broker import Broker, LiveEvent
 from .config import Policy
+from .errors import ChatdError
 from .ratelimit import TokenBucket
-
-if TYPE_CHECKING:
-    from .session import Session
 
 log = logging.getLogger("chatd.hub")
 
-__all__ = ["Hub", "TooManyConnections", "UserState"]
+__all__ = ["Hub", "Listener", "TooManyConnections", "UserState"]
 
 
-class TooManyConnections(Exception):
+class Listener(Protocol):
+    """A connection of a user on this node (a session), as the hub sees it."""
+
+    @property
+    def user(self) -> str: ...
+
+    def push_live(self, event: LiveEvent) -> None:
+        """Take a live event of the user's stream (written in `cur` order)."""
+
+
+class TooManyConnections(ChatdError):
     """The user already has the most connections allowed on this node."""
 
 
@@ -29,7 +37,7 @@ class UserState:
 
     sends: TokenBucket
     typing: TokenBucket
-    sessions: set[Session] = field(default_factory=set)
+    sessions: set[Listener] = field(default_factory=set)
 
 
 class Hub:
@@ -68,7 +76,7 @@ class Hub:
             self._users[user] = state
         return state
 
-    async def attach(self, session: Session) -> UserState:
+    async def attach(self, session: Listener) -> UserState:
         """Register a session; raises TooManyConnections over the per-user limit."""
         state = self.user_state(session.user)
         if len(state.sessions) >= self._policy.max_connections_per_user:
@@ -79,7 +87,7 @@ class Hub:
             await self._broker.subscribe(session.user)
         return state
 
-    async def detach(self, session: Session) -> None:
+    async def detach(self, session: Listener) -> None:
         state = self._users.get(session.user)
         if state is None or session not in state.sessions:
             return
@@ -103,5 +111,5 @@ class Hub:
     def session_count(self) -> int:
         return sum(len(s.sessions) for s in self._users.values())
 
-    def sessions(self) -> list[Session]:
+    def sessions(self) -> list[Listener]:
         return [s for st in self._users.values() for s in st.sessions]

@@ -11,7 +11,6 @@ from prometheus_client.registry import Collector
 
 from storage.base import Store
 
-
 __all__ = ["Metrics"]
 
 
@@ -36,7 +35,12 @@ class Metrics:
             "chatd_receipts_stored", "Watermark moves stored, by kind", ["kind"], registry=r
         )
         self.closes = Counter(
-            "chatd_closes", "Connections closed by the server, by code", ["code"], registry=r
+            "chatd_closes",
+            "Connections closed by the server, by close code and reason (slow_reader, "
+            "too_many_connections, storage_unavailable, unauthorized, no_hello_in_time, "
+            "too_many_bad_frames, too_many_frames, stream_gap, internal_error)",
+            ["code", "reason"],
+            registry=r,
         )
         self.gap_fills = Counter(
             "chatd_gap_fills", "Events read back from storage to fill a cursor gap", registry=r

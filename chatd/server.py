@@ -6,7 +6,6 @@ import asyncio
 import itertools
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from http import HTTPStatus
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -22,25 +21,15 @@ from .auth import Authenticator, load_or_create_secret
 from .broker import Broker
 from .config import Config
 from .connection import ChatConnection
+from .context import Context
+from .errors import ConfigError
 from .hub import Hub
 from .metrics import Metrics
 from .session import Session
 
 log = logging.getLogger("chatd.server")
 
-__all__ = ["Context", "Server", "authenticator_for", "build_broker", "build_store"]
-
-
-@dataclass(slots=True)
-class Context:
-    """What every session of one server shares."""
-
-    config: Config
-    store: Store
-    broker: Broker
-    hub: Hub
-    auth: Authenticator
-    metrics: Metrics
+__all__ = ["Server", "authenticator_for", "build_broker", "build_store"]
 
 
 def authenticator_for(config: Config) -> Authenticator:
@@ -60,9 +49,11 @@ def build_store(config: Config) -> Store:
 
 
 def build_broker(config: Config) -> Broker:
-    from .broker_memory import LocalBroker
+    if config.broker == "memory":
+        from .broker_memory import LocalBroker
 
-    return LocalBroker()
+        return LocalBroker()
+    raise ConfigError(f"unknown broker {config.broker!r}: this version has 'memory' only")
 
 
 class Server:
@@ -144,7 +135,11 @@ class Server:
         log.info("stopped")
 
     async def __aenter__(self) -> Server:
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()  # what did start (the store, the broker) is closed again
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -156,6 +151,7 @@ class Server:
         conn_id = next(self._ids)
         log.debug("conn %d: open from %s", conn_id, ws.remote_address)
         assert isinstance(ws, ChatConnection)
+        ws.conn_id = conn_id
         await Session(self.ctx, ws, conn_id).run()
 
     async def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:

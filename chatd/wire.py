@@ -1,47 +1,28 @@
-"""Stored records -> frames on the wire. One place, so live and replayed events match."""
+"""Stored records -> frames on the wire (shaped by `protocol.server_frames`). One place,
+so that live and replayed events are the same bytes."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from protocol import encode_map
+from protocol import encode_map, msg_map, receipt_map
 from storage.base import Event, ReceiptRecord, StoredMessage
 
-__all__ = ["encode_event", "msg_map", "receipt_map"]
+__all__ = ["encode_event", "message_map", "receipt_event_map"]
 
 
-def msg_map(m: StoredMessage, cur: int | None) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "t": "msg",
-        "mid": m.mid,
-        "conv": m.conv,
-        "seq": m.seq,
-        "from": m.sender,
-        "to": m.recipient,
-        "cmid": m.cmid,
-        "ts": m.ts,
-        "type": m.type,
-        "body": m.body,
-    }
-    if cur is not None:
-        out["cur"] = cur
-    return out
+def message_map(m: StoredMessage, cur: int | None) -> dict[str, Any]:
+    """The `msg` frame of a stored message (`cur` None: in a history page)."""
+    return msg_map(m.mid, m.conv, m.seq, m.sender, m.recipient, m.cmid, m.ts, m.type, m.body, cur)
 
 
-def receipt_map(r: ReceiptRecord, cur: int) -> dict[str, Any]:
-    return {
-        "t": "receipt",
-        "conv": r.conv,
-        "kind": r.kind,
-        "upto": r.upto,
-        "by": r.by,
-        "ts": r.ts,
-        "cur": cur,
-    }
+def receipt_event_map(r: ReceiptRecord, cur: int) -> dict[str, Any]:
+    """The `receipt` frame of a stored watermark move."""
+    return receipt_map(r.conv, r.kind, r.upto, r.by, r.ts, cur)
 
 
 def encode_event(ev: Event) -> bytes:
     if ev.message is not None:
-        return encode_map(msg_map(ev.message, ev.cur))
+        return encode_map(message_map(ev.message, ev.cur))
     assert ev.receipt is not None
-    return encode_map(receipt_map(ev.receipt, ev.cur))
+    return encode_map(receipt_event_map(ev.receipt, ev.cur))

@@ -247,10 +247,10 @@ async def test_frames_written_directly_and_queued_keep_one_order(
     for _ in range(5):
         n += 1
         await alice.send("bob", body, cmid=f"c{n}")
-    assert session._outbox or session._waiter is None  # the later ones wait for the writer
+    assert session.out.queued or session.out._waiter is None  # the later ones wait for the writer
     slow.start_reading()
     await slow.wait_until(lambda fs: sum(f["t"] == "msg" for f in fs) >= n)
-    assert not session.ws.paused and session._waiter is not None  # idle again
+    assert not session.ws.paused and session.out.idle  # idle again
     for _ in range(3):  # written directly again
         n += 1
         await alice.send("bob", "small", cmid=f"c{n}")

@@ -112,7 +112,7 @@ async def test_reply_pushed_during_a_fill_keeps_its_place(
     srv, alice, bob = await _alice_and_bob(servers, make_config, clients)
     _drop_publishes(srv, "bob", {2})
     sess = _session(srv, "bob")
-    _before_reads(srv, lambda: sess._reply(encode_map({"t": "pong"})))
+    _before_reads(srv, lambda: sess.out.reply(encode_map({"t": "pong"})))
     for i in (1, 2, 3):
         await alice.send("bob", f"m{i}", cmid=f"c{i}")
     await bob.wait_until(lambda fs: any(f["t"] == "pong" for f in fs) and _has_cur(3)(fs))
@@ -125,12 +125,12 @@ async def test_idle_session_writes_without_waking_its_writer(
 ) -> None:
     srv, alice, bob = await _alice_and_bob(servers, make_config, clients)
     sess = _session(srv, "bob")
-    waiter = sess._waiter
+    waiter = sess.out._waiter
     assert waiter is not None and not waiter.done()
     for i in (1, 2, 3):
         await alice.send("bob", f"m{i}", cmid=f"c{i}")
     await bob.wait_until(_has_cur(3))
-    assert sess._waiter is waiter and not waiter.done()  # never woken
+    assert sess.out._waiter is waiter and not waiter.done()  # never woken
 
 
 async def test_frames_of_one_loop_iteration_leave_in_one_write(

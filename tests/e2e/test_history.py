@@ -131,7 +131,7 @@ async def test_a_history_read_starts_once_the_answers_before_it_are_written(
     second = asyncio.Event()
 
     async def history(*args: Any) -> Any:
-        queued_at_read.append(len(session._outbox) + (session._waiter is None))
+        queued_at_read.append(session.out.queued + (session.out._waiter is None))
         if len(queued_at_read) == 2:
             second.set()
         return await real(*args)

@@ -1,0 +1,395 @@
+"""`Requests`: what one connection does with each request frame after `hello`.
+
+`send` and the marks are queued in the store with a done-callback (no task per
+message): the callback answers (`sent`, or a receipt and `ok`) through the outbox, in
+`cur` order, and publishes the stored event to both people's other connections.
+`history` and `convs` are reads: the session holds the messages after them until they
+are answered (`Host.hold_for`), so answers keep the order of the requests. Every
+failure becomes exactly one `error` frame (`fail`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Awaitable
+from typing import Any, Protocol
+
+from websockets.exceptions import ConnectionClosed
+
+from protocol import (
+    ConvsRequest,
+    ErrorCode,
+    FrameError,
+    HistoryRequest,
+    Mark,
+    Send,
+    Typing,
+    body_size,
+    conv_info_map,
+    convs_map,
+    encode_map,
+    error_map,
+    history_map,
+    ok_map,
+    sent_map,
+    typing_map,
+)
+from storage.base import (
+    MarkOutcome,
+    NotAMember,
+    SendOutcome,
+    StorageUnavailable,
+    StoredMessage,
+    UptoTooHigh,
+)
+
+from .broker import LiveEvent
+from .context import Context
+from .hub import UserState
+from .outbox import Outbox
+from .sequencer import OWN_MARK, OWN_SENT
+from .wire import message_map, receipt_event_map
+
+log = logging.getLogger("chatd.session")
+
+__all__ = ["Host", "Requests", "error_frame", "now_ms"]
+
+_MARKS_KEPT = 1024
+"""(conv, kind) watermarks a connection remembers at most (then it starts over)."""
+
+Watermarks = dict[tuple[int | str, str], int]
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def error_frame(
+    ctx: Context, code: ErrorCode, msg: str, rid: Any = None, retry_ms: int | None = None
+) -> bytes:
+    """An `error` frame, counted in `chatd_errors` by code (every error frame sent is
+    made here)."""
+    ctx.metrics.errors.labels(code).inc()
+    return encode_map(error_map(code, msg, rid, retry_ms))
+
+
+def _remember(table: Watermarks | None, conv: int | str, kind: str, value: int) -> Watermarks:
+    """`table` (made when None) with (conv, kind) raised to `value`; a `read` value holds
+    for `delivered` too (delivered >= read, always). Starts over past _MARKS_KEPT keys."""
+    if table is None:
+        table = {}
+    elif len(table) >= _MARKS_KEPT:
+        table.clear()
+    key = (conv, kind)
+    if value > table.get(key, -1):
+        table[key] = value
+    if kind == "read":
+        key = (conv, "delivered")
+        if value > table.get(key, -1):
+            table[key] = value
+    return table
+
+
+def _failure(fut: asyncio.Future[Any]) -> BaseException | None:
+    """What a finished store write raised (a cancelled one: storage unavailable), or None."""
+    return fut.exception() if not fut.cancelled() else StorageUnavailable("cancelled")
+
+
+def _sent(rid: Any, m: StoredMessage, cur: int, dup: bool) -> bytes:
+    return encode_map(sent_map(rid, m.cmid, m.mid, m.conv, m.seq, m.ts, cur, dup))
+
+
+class Host(Protocol):
+    """What the handlers need from their session."""
+
+    def hold_for(self, coro: Awaitable[None]) -> None:
+        """Run a read request (it answers, errors included); the messages after it wait
+        for its answer."""
+
+    def track(self, fut: asyncio.Future[Any]) -> None:
+        """Count a store write in flight (too many: later messages wait)."""
+
+    def untrack(self, fut: asyncio.Future[Any]) -> None:
+        """A tracked write has finished."""
+
+
+class Requests:
+    """The request handlers of one authenticated connection."""
+
+    __slots__ = ("_capped", "_marked", "conn_id", "ctx", "host", "out", "state", "user")
+
+    def __init__(
+        self, ctx: Context, host: Host, out: Outbox, user: str, state: UserState, conn_id: int
+    ) -> None:
+        self.ctx = ctx
+        self.host = host
+        self.out = out
+        self.user = user
+        self.state = state
+        self.conn_id = conn_id
+        self._marked: Watermarks | None = None
+        """(conv, kind) -> this user's watermark as a mark of this connection last
+        committed it: a mark at or below it is answered without a write."""
+        self._capped: Watermarks | None = None
+        """(conv, kind) -> the highest `upto` of a mark that changed nothing because no
+        message to this user lies above the watermark (it was capped): the same holds
+        for marks up to it until a stream event reaches this connection (dropped then)."""
+
+    def stream_event(self) -> None:
+        """A stored event reached this connection: perhaps a message to this user, so
+        a capped mark may change something now."""
+        self._capped = None
+
+    # ---------------------------------------------------------------- errors
+
+    def fail(self, rid: Any, exc: BaseException) -> None:
+        """Answer the request `rid` that raised `exc` with exactly one error frame."""
+        if isinstance(exc, FrameError):
+            frame = error_frame(self.ctx, exc.code, exc.msg, rid, exc.retry_ms)
+        elif isinstance(exc, StorageUnavailable):
+            log.warning("conn %d: storage unavailable", self.conn_id)
+            frame = error_frame(
+                self.ctx, ErrorCode.UNAVAILABLE, "storage unavailable; retry later", rid
+            )
+        elif isinstance(exc, ConnectionClosed):
+            return
+        else:
+            log.error("conn %d: request failed", self.conn_id, exc_info=exc)
+            frame = error_frame(self.ctx, ErrorCode.INTERNAL, "internal error", rid)
+        self.out.reply(frame)
+
+    async def guard(self, rid: Any, coro: Awaitable[None]) -> None:
+        """Run a request; map what it raises to exactly one error frame."""
+        try:
+            await coro
+        except Exception as exc:
+            self.fail(rid, exc)
+
+    def _publish(self, events: list[tuple[str, LiveEvent]]) -> None:
+        try:
+            self.ctx.broker.publish(events)
+        except Exception:
+            # Stored already: receivers find it by gap fill or on their next connect.
+            log.warning("conn %d: publish failed; receivers will catch up", self.conn_id)
+
+    # ---------------------------------------------------------------- send
+
+    def send(self, f: Send) -> None:
+        """Queue a send in the store; `_send_done` answers it (no task per message)."""
+        try:
+            self._start_send(f)
+        except Exception as exc:
+            self.fail(f.id, exc)
+
+    def _start_send(self, f: Send) -> None:
+        wait = self.state.sends.take(time.monotonic())
+        refused: FrameError | None = None
+        if wait > 0.0:
+            refused = FrameError(
+                ErrorCode.RATE_LIMITED,
+                "too many messages; retry later",
+                retry_ms=max(1, math.ceil(wait * 1000)),
+            )
+        elif f.to == self.user:
+            refused = FrameError(ErrorCode.BAD_REQUEST, "cannot send to yourself")
+        if refused is not None:
+            # A self-send took a token (a flood of them is limited like sends); a retry
+            # of a stored message gives it back, as any duplicate does.
+            took = wait <= 0.0
+            # Held like a read: one lookup at a time per connection, and the frames
+            # after it wait (a flood of refused sends cannot queue unbounded reads).
+            self.host.hold_for(self.guard(f.id, self._dup_or_refuse(f, refused, took)))
+            return
+        pend = self.out.expect_own(f.cmid)
+        try:
+            fut = self.ctx.store.send(self.user, f.to, f.cmid, f.body, f.type, now_ms())
+        except BaseException:
+            if pend is not None:
+                self.out.own_done(f.cmid, pend, None)
+            raise
+        self.host.track(fut)
+        started = time.perf_counter()
+        fut.add_done_callback(lambda done: self._send_done(f, pend, started, done))
+
+    async def _dup_or_refuse(self, f: Send, refused: FrameError, took: bool) -> None:
+        """A send refused here (over the send rate, or to oneself): a retry of a stored
+        (sender, cmid) still gets the original `sent` with `dup`, whatever its `to` and
+        body now; any other send gets `refused`. `took`: it used up a rate token."""
+        prior = await self.ctx.store.find_sent(self.user, f.cmid)
+        if prior is None:
+            raise refused
+        if took:
+            self.state.sends.refund()
+        self.ctx.metrics.duplicates.inc()
+        self.out.reply(_sent(f.id, prior.message, prior.sender_cur, dup=True))
+
+    def _send_done(
+        self,
+        f: Send,
+        pend: asyncio.Future[bytes | None] | None,
+        started: float,
+        fut: asyncio.Future[SendOutcome],
+    ) -> None:
+        self.host.untrack(fut)
+        ctx = self.ctx
+        try:
+            exc = _failure(fut)
+            if exc is not None:
+                if pend is not None:
+                    self.out.own_done(f.cmid, pend, None)
+                self.fail(f.id, exc)
+                return
+            out = fut.result()
+            ctx.metrics.commit_seconds.observe(time.perf_counter() - started)
+            m = out.message
+            if out.dup:
+                self.state.sends.refund()  # a duplicate stores nothing: it costs no rate
+                ctx.metrics.duplicates.inc()
+                if pend is not None:
+                    self.out.own_done(f.cmid, pend, None)
+                self.out.reply(_sent(f.id, m, out.sender_cur, dup=True))
+                return
+            ctx.metrics.messages.inc()
+            sent = _sent(f.id, m, out.sender_cur, dup=False)
+            if pend is not None:
+                self.out.own_done(f.cmid, pend, sent)
+            self.out.push(
+                (OWN_SENT, out.sender_cur, sent, None, f.cmid if pend is not None else "")
+            )
+            mine = message_map(m, out.sender_cur)
+            theirs = dict(mine)
+            theirs["cur"] = out.recipient_cur
+            self._publish(
+                [
+                    (self.user, LiveEvent(out.sender_cur, encode_map(mine))),
+                    (m.recipient, LiveEvent(out.recipient_cur, encode_map(theirs))),
+                ]
+            )
+        except Exception as exc:
+            self.fail(f.id, exc)
+
+    # ---------------------------------------------------------------- marks
+
+    def mark(self, f: Mark) -> None:
+        """Queue a mark in the store; `_mark_done` answers it."""
+        try:
+            self._start_mark(f)
+        except Exception as exc:
+            self.fail(f.id, exc)
+
+    def _start_mark(self, f: Mark) -> None:
+        if type(f.conv) is not str:
+            raise FrameError(ErrorCode.BAD_REQUEST, "not a conversation of yours")
+        key = (f.conv, f.kind)
+        marked = self._marked
+        capped = self._capped
+        if (marked is not None and f.upto <= marked.get(key, -1)) or (
+            capped is not None and f.upto <= capped.get(key, -1)
+        ):
+            # Watermarks only move forward and this one is committed at or above
+            # `upto`, or no message to this user arrived since the same mark changed
+            # nothing: nothing to store (a flood of these costs the writer nothing).
+            if f.id is not None:
+                self.out.reply(encode_map(ok_map(f.id)))
+            return
+        fut = self.ctx.store.mark(self.user, f.conv, f.kind, f.upto, now_ms())
+        self.host.track(fut)
+        fut.add_done_callback(lambda done: self._mark_done(f, done))
+
+    def _mark_done(self, f: Mark, fut: asyncio.Future[MarkOutcome]) -> None:
+        self.host.untrack(fut)
+        try:
+            exc = _failure(fut)
+            if isinstance(exc, NotAMember):
+                exc = FrameError(ErrorCode.BAD_REQUEST, "not a conversation of yours")
+            elif isinstance(exc, UptoTooHigh):
+                exc = FrameError(
+                    ErrorCode.BAD_REQUEST, "'upto' is above the conversation's last seq"
+                )
+            if exc is not None:
+                self.fail(f.id, exc)
+                return
+            out = fut.result()
+            r = out.receipt
+            self._marked = _remember(self._marked, f.conv, f.kind, out.watermark)
+            if r is None and out.watermark < f.upto:  # capped: no message to us up there
+                self._capped = _remember(self._capped, f.conv, f.kind, f.upto)
+            ok = encode_map(ok_map(f.id)) if f.id is not None else None
+            if r is None:
+                if ok is not None:
+                    self.out.reply(ok)
+                return
+            self.ctx.metrics.receipts.labels(r.kind).inc()
+            mine = encode_map(receipt_event_map(r, out.marker_cur))
+            self.out.push((OWN_MARK, out.marker_cur, mine, ok, ""))
+            theirs = encode_map(receipt_event_map(r, out.peer_cur))
+            self._publish(
+                [
+                    (self.user, LiveEvent(out.marker_cur, mine)),
+                    (out.peer, LiveEvent(out.peer_cur, theirs)),
+                ]
+            )
+        except Exception as exc:
+            self.fail(f.id, exc)
+
+    # ---------------------------------------------------------------- typing
+
+    def typing(self, f: Typing) -> None:
+        if f.to == self.user:
+            raise FrameError(ErrorCode.BAD_REQUEST, "cannot type to yourself", f.id)
+        wait = self.state.typing.take(time.monotonic())
+        if wait > 0.0:
+            if f.id is not None:
+                raise FrameError(
+                    ErrorCode.RATE_LIMITED,
+                    "typing too often",
+                    f.id,
+                    retry_ms=max(1, math.ceil(wait * 1000)),
+                )
+            return
+        data = encode_map(typing_map(self.user, f.on))
+        self._publish([(f.to, LiveEvent(0, data))])
+        if f.id is not None:
+            self.out.reply(encode_map(ok_map(f.id)))
+
+    # ---------------------------------------------------------------- reads
+
+    def history(self, f: HistoryRequest) -> None:
+        self.host.hold_for(self.guard(f.id, self._history(f)))
+
+    async def _history(self, f: HistoryRequest) -> None:
+        if f.with_ == self.user:
+            raise FrameError(ErrorCode.BAD_REQUEST, "'with' must be another user")
+        limits = self.ctx.config.limits
+        limit = f.limit if f.limit is not None else limits.history_default
+        if limit > limits.history_max:
+            raise FrameError(ErrorCode.BAD_REQUEST, f"'limit' is at most {limits.history_max}")
+        page = await self.ctx.store.history(self.user, f.with_, f.before, limit)
+        msgs: list[dict[str, Any]] = []
+        more = page.more
+        size = 0
+        for m in page.messages:  # newest first: a page cut short ends at an older `seq`
+            size += body_size(m.body)
+            if msgs and size > limits.history_bytes:
+                more = True
+                break
+            msgs.append(message_map(m, None))
+        reply = history_map(f.id, page.conv, msgs, more, page.delivered, page.read)
+        self.out.reply(encode_map(reply))
+
+    def convs(self, f: ConvsRequest) -> None:
+        self.host.hold_for(self.guard(f.id, self._convs(f)))
+
+    async def _convs(self, f: ConvsRequest) -> None:
+        limits = self.ctx.config.limits
+        limit = f.limit if f.limit is not None else limits.convs_default
+        if limit > limits.convs_max:
+            raise FrameError(ErrorCode.BAD_REQUEST, f"'limit' is at most {limits.convs_max}")
+        rows = await self.ctx.store.convs(self.user, limit)
+        convs = [
+            conv_info_map(c.conv, c.peer, c.seq, c.ts, c.unread, c.delivered, c.read) for c in rows
+        ]
+        self.out.reply(encode_map(convs_map(f.id, convs)))
