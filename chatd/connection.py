@@ -21,7 +21,7 @@ handshake, framing, masking, size limits (`max_size` applies to a whole
 fragmented message), ping/pong, the closing handshake and write flow control.
 
 The session applies read flow control itself, with `pause_reading()` (see
-`Session._on_message`).
+`Inbox.feed`).
 """
 
 from __future__ import annotations

@@ -57,6 +57,8 @@ log = logging.getLogger("chatd.session")
 
 __all__ = ["Host", "Requests", "error_frame", "now_ms"]
 
+_MAX_IN_FLIGHT = 256
+"""Writes (sends, marks) of one connection in flight before its messages are held."""
 _MARKS_KEPT = 1024
 """(conv, kind) watermarks a connection remembers at most (then it starts over)."""
 
@@ -109,17 +111,25 @@ class Host(Protocol):
         """Run a read request (it answers, errors included); the messages after it wait
         for its answer."""
 
-    def track(self, fut: asyncio.Future[Any]) -> None:
-        """Count a store write in flight (too many: later messages wait)."""
-
-    def untrack(self, fut: asyncio.Future[Any]) -> None:
-        """A tracked write has finished."""
+    def hold_writes(self, on: bool) -> None:
+        """Hold the messages after this one while too many writes are in flight (or
+        release them)."""
 
 
 class Requests:
     """The request handlers of one authenticated connection."""
 
-    __slots__ = ("_capped", "_marked", "conn_id", "ctx", "host", "out", "state", "user")
+    __slots__ = (
+        "_capped",
+        "_in_flight",
+        "_marked",
+        "conn_id",
+        "ctx",
+        "host",
+        "out",
+        "state",
+        "user",
+    )
 
     def __init__(
         self, ctx: Context, host: Host, out: Outbox, user: str, state: UserState, conn_id: int
@@ -137,11 +147,35 @@ class Requests:
         """(conv, kind) -> the highest `upto` of a mark that changed nothing because no
         message to this user lies above the watermark (it was capped): the same holds
         for marks up to it until a stream event reaches this connection (dropped then)."""
+        self._in_flight: set[asyncio.Future[Any]] | None = None
+        """Store writes (sends, marks) of this connection in flight."""
 
     def stream_event(self) -> None:
         """A stored event reached this connection: perhaps a message to this user, so
         a capped mark may change something now."""
         self._capped = None
+
+    async def settle(self) -> None:
+        """Until the writes in flight have finished (they are durable either way; their
+        replies may be lost with the connection)."""
+        if self._in_flight:
+            await asyncio.gather(*self._in_flight, return_exceptions=True)
+
+    def _track(self, fut: asyncio.Future[Any]) -> None:
+        """Count a store write in flight until its done-callback calls `_untrack`; with
+        too many in flight, later messages wait (and the socket stops being read)."""
+        if self._in_flight is None:
+            self._in_flight = set()
+        self._in_flight.add(fut)
+        if len(self._in_flight) >= _MAX_IN_FLIGHT:
+            self.host.hold_writes(True)
+
+    def _untrack(self, fut: asyncio.Future[Any]) -> None:
+        in_flight = self._in_flight
+        if in_flight is not None:
+            in_flight.discard(fut)
+            if len(in_flight) == _MAX_IN_FLIGHT // 2:
+                self.host.hold_writes(False)
 
     # ---------------------------------------------------------------- errors
 
@@ -210,7 +244,7 @@ class Requests:
             if pend is not None:
                 self.out.own_done(f.cmid, pend, None)
             raise
-        self.host.track(fut)
+        self._track(fut)
         started = time.perf_counter()
         fut.add_done_callback(lambda done: self._send_done(f, pend, started, done))
 
@@ -233,7 +267,7 @@ class Requests:
         started: float,
         fut: asyncio.Future[SendOutcome],
     ) -> None:
-        self.host.untrack(fut)
+        self._untrack(fut)
         ctx = self.ctx
         try:
             exc = _failure(fut)
@@ -296,11 +330,11 @@ class Requests:
                 self.out.reply(encode_map(ok_map(f.id)))
             return
         fut = self.ctx.store.mark(self.user, f.conv, f.kind, f.upto, now_ms())
-        self.host.track(fut)
+        self._track(fut)
         fut.add_done_callback(lambda done: self._mark_done(f, done))
 
     def _mark_done(self, f: Mark, fut: asyncio.Future[MarkOutcome]) -> None:
-        self.host.untrack(fut)
+        self._untrack(fut)
         try:
             exc = _failure(fut)
             if isinstance(exc, NotAMember):

@@ -22,8 +22,10 @@ import logging
 import time
 from collections.abc import Callable
 
+from websockets.frames import CloseCode
+
 from protocol import encode_map, synced_map
-from storage.base import Event, Store
+from storage.base import Event, StorageError, Store
 
 from .connection import ChatConnection
 from .metrics import Metrics
@@ -32,7 +34,7 @@ from .wire import encode_event
 
 log = logging.getLogger("chatd.outbox")
 
-__all__ = ["Outbox"]
+__all__ = ["Outbox", "writer_close"]
 
 _PAGE = 500
 """Stored events read per query (catch-up and fills)."""
@@ -274,3 +276,15 @@ class Outbox:
                     self._pending.pop(m.cmid, None)
                     return ev.cur, sent, True
         return ev.cur, encode_event(ev), False
+
+
+def writer_close(exc: BaseException, conn_id: int) -> tuple[int, str]:
+    """The close (code, reason) for a writer task that raised `exc` (logged here)."""
+    if isinstance(exc, StreamGap):
+        log.error("conn %d: %s", conn_id, exc)
+        return CloseCode.INTERNAL_ERROR, "stream gap"
+    if isinstance(exc, StorageError):
+        log.warning("conn %d: storage unavailable while writing events", conn_id)
+        return CloseCode.TRY_AGAIN_LATER, "storage unavailable"
+    log.error("conn %d: writer failed", conn_id, exc_info=exc)
+    return CloseCode.INTERNAL_ERROR, "internal error"

@@ -1,25 +1,25 @@
 """One session per WebSocket connection: hello, lifecycle, dispatch, and the state of the
 connection.
 
-The path of a frame: `ChatConnection` hands each whole message to `_on_message` (no
-reader task); after `welcome` it is decoded and dispatched at once to the request
-handlers (`handlers.Requests`), unless something holds the messages back, in which
-case it waits in the backlog and the socket stops being read past `_BACKLOG_PAUSE`.
+The path of a frame: `ChatConnection` hands each whole message to the connection's
+`Inbox` (no reader task), which hands it to `_handle` at once unless something holds
+the messages back; `_handle` decodes it and dispatches it to the request handlers
+(`handlers.Requests`).
 Everything the connection writes goes through its `Outbox`, whose `Sequencer` keeps
 the user's stream in `cur` order.
 
 The connection's phase, one value (h11-style; phases only move forward):
 
-| phase   | a message that arrives                    | a frame to write         |
-|---------|-------------------------------------------|--------------------------|
-| HELLO   | waits for the hello loop (`_recv`)        | written at once (`send`) |
-| OPEN    | handled, or held in order (see `_holds`)  | through the outbox       |
-| CLOSING | dropped                                   | dropped                  |
-| CLOSED  | dropped (the closing handshake is on)     | dropped                  |
+| phase   | a message that arrives                      | a frame to write         |
+|---------|---------------------------------------------|--------------------------|
+| HELLO   | waits for the hello loop (`inbox.next`)     | written at once (`send`) |
+| OPEN    | handled, or kept in order (`inbox.holds`)   | through the outbox       |
+| CLOSING | dropped                                     | dropped                  |
+| CLOSED  | dropped (the closing handshake is on)       | dropped                  |
 
-While OPEN, messages are held (kept in order, handled when released) for two reasons
-(`_holds`, a set of bits): a read request (`history`, `convs`, a duplicate lookup) is
-being answered, or too many of this connection's writes are in flight.
+While OPEN, messages are kept (in order, handled when released) while a read request
+(`history`, `convs`, a duplicate lookup) is answered, or while too many of this
+connection's writes are in flight.
 """
 
 from __future__ import annotations
@@ -27,11 +27,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
-from collections import deque
 from collections.abc import Awaitable
 from enum import IntEnum
-from typing import Any
+from typing import Any, NoReturn
 
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
@@ -61,8 +59,9 @@ from .context import Context
 from .errors import AuthError, ChatdError
 from .handlers import Requests, error_frame, now_ms
 from .hub import TooManyConnections
-from .outbox import Outbox
-from .sequencer import LIVE, StreamGap
+from .inbox import HOLD_HELLO, HOLD_READ, HOLD_WRITES, Inbox
+from .outbox import Outbox, writer_close
+from .sequencer import LIVE
 
 log = logging.getLogger("chatd.session")
 
@@ -84,15 +83,6 @@ _NEXT: dict[Phase, frozenset[Phase]] = {
 }
 """The phases each phase may move to."""
 
-_HOLD_READ = 1
-"""A read request is being answered: later messages wait for its answer."""
-_HOLD_WRITES = 2
-"""Too many writes of this connection in flight: later messages wait."""
-
-_BACKLOG_PAUSE = 64
-"""Held messages at which the socket stops being read (resumed at half)."""
-_MAX_IN_FLIGHT = 256
-"""Writes (sends, marks) of one connection in flight before its messages are held."""
 _READ_WAIT = 1.0
 """Seconds a history / convs read waits at most for the connection's queued frames."""
 
@@ -108,19 +98,13 @@ class _Closing(ChatdError):
 
 class Session:
     __slots__ = (
-        "_backlog",
         "_bad_in_row",
-        "_count",
-        "_count_since",
-        "_holds",
-        "_paused",
         "_phase",
         "_tasks",
-        "_wake",
-        "_writes",
         "conn_id",
         "ctx",
         "device",
+        "inbox",
         "out",
         "req",
         "user",
@@ -134,7 +118,6 @@ class Session:
         self.user = ""
         self.device = ""
         self._phase = Phase.HELLO
-        self._holds = 0
         self.out = Outbox(
             ws,
             ctx.store,
@@ -147,19 +130,9 @@ class Session:
         self.req: Requests | None = None
         """The request handlers, from `welcome` on."""
         self._tasks: set[asyncio.Future[Any]] | None = None
-        """Tasks and store writes in flight (a write's done-callback removes it)."""
-        self._writes = 0
-        """Store writes (sends, marks) of this connection in flight."""
-        self._backlog: deque[bytes | str] | None = None
-        """Messages received while held (or before `welcome`), in order."""
-        self._paused = False
-        """The transport is not reading (the backlog is long)."""
-        self._wake: asyncio.Future[None] | None = None
-        """Set while `_recv` waits for a message (before `welcome`)."""
+        """Tasks of this session in flight (closes, reads)."""
+        self.inbox = Inbox(ws, ctx.config.policy.max_frame_rate, self._handle, self._flood)
         self._bad_in_row = 0
-        self._count = 0
-        """Messages received since `_count_since` (a run of max_frame_rate at most)."""
-        self._count_since = time.monotonic()
 
     def _enter(self, phase: Phase) -> None:
         """Move to `phase` (a phase already reached or passed stays as it is)."""
@@ -175,11 +148,11 @@ class Session:
         ws = self.ws
         try:
             ws.forget_handshake()
-            ws.set_sink(self._on_message)
+            ws.set_sink(self.inbox.feed)
             hello = await self._await_hello()
             await self._serve(hello)
             self._enter(Phase.OPEN)
-            self._release()
+            self.inbox.release(HOLD_HELLO)
             await ws.wait_closed()
         except _Closing as exc:
             await self._close(exc.code, exc.reason)
@@ -192,8 +165,9 @@ class Session:
 
     async def _teardown(self) -> None:
         self._closing_input()
+        if self.req is not None:
+            await self.req.settle()
         if self._tasks:
-            # In-flight writes finish (they are durable either way); replies may be lost.
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.out.stop()
         if self.req is not None:
@@ -225,8 +199,7 @@ class Session:
         closing handshake can complete (whatever else arrives is dropped)."""
         self._enter(Phase.CLOSING)
         self.out.closed = True
-        self._backlog = None
-        self._resume_if_short()
+        self.inbox.shut()
 
     def _slow_reader(self) -> None:
         """The outbox passed its limit (it is emptied): it loses nothing, it resumes
@@ -240,7 +213,7 @@ class Session:
         try:
             async with asyncio.timeout(self.ctx.config.policy.hello_timeout):
                 while True:
-                    hello = await self._hello_from(await self._recv())
+                    hello = await self._hello_from(await self.inbox.next())
                     if hello is not None:
                         return hello
         except TimeoutError:
@@ -271,10 +244,8 @@ class Session:
             self.user = self.ctx.auth.verify(frame.token)
         except AuthError as exc:
             log.info("conn %d: refused token (%s)", self.conn_id, exc)
-            await self.ws.send(
-                self._error(ErrorCode.UNAUTHORIZED, "bad or expired token", frame.id)
-            )
-            raise _Closing(CloseCode.POLICY_VIOLATION, "unauthorized") from None
+            why = (CloseCode.POLICY_VIOLATION, "unauthorized")
+            await self._refuse(ErrorCode.UNAUTHORIZED, "bad or expired token", frame.id, why)
         self.device = frame.device
         return frame
 
@@ -285,29 +256,35 @@ class Session:
             state = await ctx.hub.attach(self)
         except TooManyConnections:
             msg = "too many connections for this user"
-            await self.ws.send(self._error(ErrorCode.RATE_LIMITED, msg, hello.id, 1000))
-            raise _Closing(CloseCode.TRY_AGAIN_LATER, "too many connections") from None
+            close = (CloseCode.TRY_AGAIN_LATER, "too many connections")
+            await self._refuse(ErrorCode.RATE_LIMITED, msg, hello.id, close, retry_ms=1000)
         self.req = Requests(ctx, self, self.out, self.user, state, self.conn_id)
         ctx.metrics.sessions.inc()
         try:
             cur = await ctx.store.last_cur(self.user)
         except StorageError as exc:
             log.warning("conn %d: storage unavailable at hello: %s", self.conn_id, exc)
-            await self.ws.send(self._error(ErrorCode.UNAVAILABLE, "storage unavailable", hello.id))
-            raise _Closing(CloseCode.TRY_AGAIN_LATER, "storage unavailable") from None
+            close = (CloseCode.TRY_AGAIN_LATER, "storage unavailable")
+            await self._refuse(ErrorCode.UNAVAILABLE, "storage unavailable", hello.id, close)
         welcome = welcome_map(self.user, self.device, cur, now_ms(), hello.id)
         await self.ws.send(encode_map(welcome))
-        log.info(
-            "conn %d: hello user %s device %s since %s cur %d",
-            self.conn_id,
-            self.user,
-            self.device,
-            hello.since,
-            cur,
-        )
+        who = (self.conn_id, self.user, self.device, hello.since, cur)
+        log.info("conn %d: hello user %s device %s since %s cur %d", *who)
         self.out.user = self.user
         writer = self.out.writer = asyncio.create_task(self.out.run(hello.since, cur))
         writer.add_done_callback(self._writer_done)
+
+    async def _refuse(
+        self,
+        code: ErrorCode,
+        msg: str,
+        rid: Any,
+        close: tuple[int, str],
+        retry_ms: int | None = None,
+    ) -> NoReturn:
+        """Answer a frame before `welcome` with an error, then close with `close`."""
+        await self.ws.send(self._error(code, msg, rid, retry_ms))
+        raise _Closing(*close)
 
     def _writer_done(self, task: asyncio.Task[None]) -> None:
         if task.cancelled():
@@ -315,77 +292,10 @@ class Session:
         exc = task.exception()
         if exc is None or isinstance(exc, ConnectionClosed):
             return
-        if isinstance(exc, StreamGap):
-            log.error("conn %d: %s", self.conn_id, exc)
-            self._spawn(self._close(CloseCode.INTERNAL_ERROR, "stream gap"))
-        elif isinstance(exc, StorageError):
-            log.warning("conn %d: storage unavailable while writing events", self.conn_id)
-            self._spawn(self._close(CloseCode.TRY_AGAIN_LATER, "storage unavailable"))
-        else:
-            log.error("conn %d: writer failed", self.conn_id, exc_info=exc)
-            self._spawn(self._close(CloseCode.INTERNAL_ERROR, "internal error"))
+        self._spawn(self._close(*writer_close(exc, self.conn_id)))
 
-    # ------------------------------------------------------------------ input
-
-    def _on_message(self, data: bytes | str) -> None:
-        """The connection's sink: one whole client message, from the protocol callback."""
-        if self._phase >= Phase.CLOSING:
-            return
-        count = self._count + 1
-        if count > self.ctx.config.policy.max_frame_rate:  # more than N in a second?
-            now = time.monotonic()
-            if now - self._count_since < 1.0:
-                self._close_drained(CloseCode.POLICY_VIOLATION, "too many frames")
-                return
-            count = 1  # this message starts the next run
-            self._count_since = now
-        self._count = count
-        if self._phase is Phase.OPEN and not self._holds and not self._backlog:
-            self._handle(data)
-            return
-        if self._backlog is None:
-            self._backlog = deque()
-        self._backlog.append(data)
-        if len(self._backlog) >= _BACKLOG_PAUSE and not self._paused:
-            self._paused = True
-            self.ws.pause_reading()
-        wake = self._wake
-        if wake is not None and not wake.done():
-            wake.set_result(None)
-
-    async def _recv(self) -> bytes | str:
-        """The next message before `welcome` (afterwards `_on_message` handles them)."""
-        backlog = self._backlog
-        while not backlog:
-            wake = self._wake = asyncio.get_running_loop().create_future()
-            closed = asyncio.ensure_future(self.ws.wait_closed())
-            try:
-                await asyncio.wait((wake, closed), return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                self._wake = None
-                closed.cancel()
-            if not wake.done():
-                raise self.ws.close_exception()
-            backlog = self._backlog
-        data = backlog.popleft()
-        if not backlog:
-            self._backlog = None  # an idle connection keeps no deque (about 600 bytes)
-        self._resume_if_short()
-        return data
-
-    def _release(self) -> None:
-        """Handle the held messages, in order, until something holds them again."""
-        backlog = self._backlog
-        while backlog and self._phase is Phase.OPEN and not self._holds:
-            self._handle(backlog.popleft())
-        if not backlog:
-            self._backlog = None
-        self._resume_if_short()
-
-    def _resume_if_short(self) -> None:
-        if self._paused and (not self._backlog or len(self._backlog) < _BACKLOG_PAUSE // 2):
-            self._paused = False
-            self.ws.resume_reading()
+    def _flood(self) -> None:
+        self._close_drained(CloseCode.POLICY_VIOLATION, "too many frames")
 
     # ------------------------------------------------------------------ dispatch
 
@@ -458,7 +368,7 @@ class Session:
     def hold_for(self, coro: Awaitable[None]) -> None:
         """Run a read request; the messages after it wait for its answer (as they would
         behind a blocking read), so answers keep the order of the requests."""
-        self._holds |= _HOLD_READ
+        self.inbox.hold(HOLD_READ)
         self._spawn(self._held(coro))
 
     async def _held(self, coro: Awaitable[None]) -> None:
@@ -473,26 +383,14 @@ class Session:
                     await self.out.written()
             await coro
         finally:
-            self._holds &= ~_HOLD_READ
-            self._release()
+            self.inbox.release(HOLD_READ)
 
-    def track(self, fut: asyncio.Future[Any]) -> None:
-        """Count a store write in flight until its done-callback calls `untrack`; with
-        too many in flight, later messages wait (and the socket stops being read)."""
-        if self._tasks is None:
-            self._tasks = set()
-        self._tasks.add(fut)
-        self._writes += 1
-        if self._writes >= _MAX_IN_FLIGHT:
-            self._holds |= _HOLD_WRITES
-
-    def untrack(self, fut: asyncio.Future[Any]) -> None:
-        if self._tasks is not None:
-            self._tasks.discard(fut)
-        self._writes -= 1
-        if self._holds & _HOLD_WRITES and self._writes <= _MAX_IN_FLIGHT // 2:
-            self._holds &= ~_HOLD_WRITES
-            self._release()
+    def hold_writes(self, on: bool) -> None:
+        """Hold later messages while too many writes are in flight (or release them)."""
+        if on:
+            self.inbox.hold(HOLD_WRITES)
+        else:
+            self.inbox.release(HOLD_WRITES)
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
