@@ -116,6 +116,37 @@ class Host(Protocol):
         release them)."""
 
 
+class _InFlight:
+    """The store writes (sends, marks) of one connection in flight: at _MAX_IN_FLIGHT
+    the host holds the messages after them (and stops reading the socket), until half
+    of them have finished."""
+
+    __slots__ = ("_futs", "_host")
+
+    def __init__(self, host: Host) -> None:
+        self._host = host
+        self._futs: set[asyncio.Future[Any]] | None = None
+
+    def add(self, fut: asyncio.Future[Any]) -> None:
+        """Count a write until its done-callback calls `discard`."""
+        if self._futs is None:
+            self._futs = set()
+        self._futs.add(fut)
+        if len(self._futs) >= _MAX_IN_FLIGHT:
+            self._host.hold_writes(True)
+
+    def discard(self, fut: asyncio.Future[Any]) -> None:
+        futs = self._futs
+        if futs is not None:
+            futs.discard(fut)
+            if len(futs) == _MAX_IN_FLIGHT // 2:
+                self._host.hold_writes(False)
+
+    async def settle(self) -> None:
+        if self._futs:
+            await asyncio.gather(*self._futs, return_exceptions=True)
+
+
 class Requests:
     """The request handlers of one authenticated connection."""
 
@@ -147,8 +178,7 @@ class Requests:
         """(conv, kind) -> the highest `upto` of a mark that changed nothing because no
         message to this user lies above the watermark (it was capped): the same holds
         for marks up to it until a stream event reaches this connection (dropped then)."""
-        self._in_flight: set[asyncio.Future[Any]] | None = None
-        """Store writes (sends, marks) of this connection in flight."""
+        self._in_flight = _InFlight(host)
 
     def stream_event(self) -> None:
         """A stored event reached this connection: perhaps a message to this user, so
@@ -158,24 +188,7 @@ class Requests:
     async def settle(self) -> None:
         """Until the writes in flight have finished (they are durable either way; their
         replies may be lost with the connection)."""
-        if self._in_flight:
-            await asyncio.gather(*self._in_flight, return_exceptions=True)
-
-    def _track(self, fut: asyncio.Future[Any]) -> None:
-        """Count a store write in flight until its done-callback calls `_untrack`; with
-        too many in flight, later messages wait (and the socket stops being read)."""
-        if self._in_flight is None:
-            self._in_flight = set()
-        self._in_flight.add(fut)
-        if len(self._in_flight) >= _MAX_IN_FLIGHT:
-            self.host.hold_writes(True)
-
-    def _untrack(self, fut: asyncio.Future[Any]) -> None:
-        in_flight = self._in_flight
-        if in_flight is not None:
-            in_flight.discard(fut)
-            if len(in_flight) == _MAX_IN_FLIGHT // 2:
-                self.host.hold_writes(False)
+        await self._in_flight.settle()
 
     # ---------------------------------------------------------------- errors
 
@@ -244,7 +257,7 @@ class Requests:
             if pend is not None:
                 self.out.own_done(f.cmid, pend, None)
             raise
-        self._track(fut)
+        self._in_flight.add(fut)
         started = time.perf_counter()
         fut.add_done_callback(lambda done: self._send_done(f, pend, started, done))
 
@@ -267,7 +280,7 @@ class Requests:
         started: float,
         fut: asyncio.Future[SendOutcome],
     ) -> None:
-        self._untrack(fut)
+        self._in_flight.discard(fut)
         ctx = self.ctx
         try:
             exc = _failure(fut)
@@ -330,11 +343,11 @@ class Requests:
                 self.out.reply(encode_map(ok_map(f.id)))
             return
         fut = self.ctx.store.mark(self.user, f.conv, f.kind, f.upto, now_ms())
-        self._track(fut)
+        self._in_flight.add(fut)
         fut.add_done_callback(lambda done: self._mark_done(f, done))
 
     def _mark_done(self, f: Mark, fut: asyncio.Future[MarkOutcome]) -> None:
-        self._untrack(fut)
+        self._in_flight.discard(fut)
         try:
             exc = _failure(fut)
             if isinstance(exc, NotAMember):

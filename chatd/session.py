@@ -229,7 +229,7 @@ class Session:
         if m is not None and m.get("t") != "hello":
             self._bad_in_row = 0
             await self.ws.send(
-                self._error(ErrorCode.UNAUTHORIZED, "say hello first", request_id(m))
+                error_frame(self.ctx, ErrorCode.UNAUTHORIZED, "say hello first", request_id(m))
             )
             return None
         frame, answer, close = self._parse(data)
@@ -283,7 +283,7 @@ class Session:
         retry_ms: int | None = None,
     ) -> NoReturn:
         """Answer a frame before `welcome` with an error, then close with `close`."""
-        await self.ws.send(self._error(code, msg, rid, retry_ms))
+        await self.ws.send(error_frame(self.ctx, code, msg, rid, retry_ms))
         raise _Closing(*close)
 
     def _writer_done(self, task: asyncio.Task[None]) -> None:
@@ -311,7 +311,7 @@ class Session:
         try:
             self._dispatch(frame)
         except FrameError as exc:
-            self.out.reply(self._error(exc.code, exc.msg, exc.id, exc.retry_ms))
+            self.out.reply(error_frame(self.ctx, exc.code, exc.msg, exc.id, exc.retry_ms))
         except Exception:  # a bug: never let it into websockets' protocol callback
             log.exception("conn %d: failed to handle a %s frame", self.conn_id, frame.t)
             self._close_drained(CloseCode.INTERNAL_ERROR, "internal error")
@@ -324,7 +324,7 @@ class Session:
             frame = decode_client(data, ctx.config.limits)
         except FrameError as exc:
             ctx.metrics.frames_in.labels("invalid").inc()
-            answer = self._error(exc.code, exc.msg, exc.id)
+            answer = error_frame(self.ctx, exc.code, exc.msg, exc.id)
             if exc.code is not ErrorCode.BAD_FRAME:
                 self._bad_in_row = 0
                 return None, answer, False
@@ -351,11 +351,6 @@ class Session:
             self.out.reply(encode_map(pong_map(now_ms(), frame.id)))
         elif isinstance(frame, Hello):
             raise FrameError(ErrorCode.BAD_REQUEST, "already said hello", frame.id)
-
-    def _error(
-        self, code: ErrorCode, msg: str, rid: Any = None, retry_ms: int | None = None
-    ) -> bytes:
-        return error_frame(self.ctx, code, msg, rid, retry_ms)
 
     # ------------------------------------------------------------------ Host (handlers)
 
