@@ -1,53 +1,38 @@
 """The Store contract, run against every implementation (SQLite and PostgreSQL).
 
+The tests use the `Store` interface only; `SqlStore` is built where a test opens
+stores of its own. What is particular to `SqlStore` (its group-commit options,
+its writer's internals, the SQLite writer's cache) is in test_sql_store.py.
 Tests synchronise on awaits (futures of committed writes), never on sleeps.
 """
 
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from collections import defaultdict
-from pathlib import Path
-from typing import Any
 
 import asyncpg
 import pytest
 
 from storage.base import (
-    Event,
     NotAMember,
     SendOutcome,
     StorageRejected,
     StorageUnavailable,
+    Store,
     UptoTooHigh,
     conv_id,
 )
-from storage.batch_io import SqliteIO
 from storage.migrate import current_revision_async, head_revision, upgrade_async
 from storage.sql import SqlStore
 from storage.urls import normalize_url, sqlite_path
 from tests.conftest import asyncpg_dsn
-
-TS = 1_700_000_000_000
-
-
-async def send(store: SqlStore, a: str, b: str, cmid: str, body: str | bytes = "hi") -> SendOutcome:
-    return await store.send(a, b, cmid, body, "text", TS)
-
-
-async def all_events(store: SqlStore, user: str) -> list[Event]:
-    return await store.events(user, 0, await store.last_cur(user), 1_000_000)
-
-
-def assert_contiguous(curs: list[int]) -> None:
-    assert curs == list(range(1, len(curs) + 1))
-
+from tests.storage.helpers import TS, all_events, assert_contiguous, send
 
 # ------------------------------------------------------------------ seq and cur
 
 
-async def test_seq_per_conversation_and_curs(store: SqlStore) -> None:
+async def test_seq_per_conversation_and_curs(store: Store) -> None:
     outs = [
         await send(store, "alice", "bob", "m1"),
         await send(store, "bob", "alice", "m2"),
@@ -69,7 +54,7 @@ async def test_seq_per_conversation_and_curs(store: SqlStore) -> None:
     assert await store.last_cur("nobody") == 0
 
 
-async def test_concurrent_sends_no_gaps(store: SqlStore) -> None:
+async def test_concurrent_sends_no_gaps(store: Store) -> None:
     users = [f"u{i}" for i in range(6)]
     jobs = []
     for i in range(200):
@@ -80,7 +65,7 @@ async def test_concurrent_sends_no_gaps(store: SqlStore) -> None:
         jobs.append(store.send(a, b, f"c{i}", f"body {i}", "text", TS + i))
     outs = await asyncio.gather(*jobs)
     assert not any(o.dup for o in outs)
-    assert store.batches < 200  # they shared transactions
+    assert store.stats().batches < 200  # they shared transactions
 
     by_conv: dict[str, list[int]] = defaultdict(list)
     for o in outs:
@@ -142,7 +127,7 @@ async def test_two_stores_on_one_database(store_url: str) -> None:
 # ---------------------------------------------------------------------- dedupe
 
 
-async def test_cmid_dedupe(store: SqlStore) -> None:
+async def test_cmid_dedupe(store: Store) -> None:
     first = await send(store, "alice", "bob", "same", "original")
     cur_a, cur_b = await store.last_cur("alice"), await store.last_cur("bob")
     again = await store.send("alice", "carol", "same", b"other", "image", TS + 5)
@@ -161,7 +146,7 @@ async def test_cmid_dedupe(store: SqlStore) -> None:
     assert not other.dup and other.message.seq == 2
 
 
-async def test_cmid_dedupe_inside_one_batch(store: SqlStore) -> None:
+async def test_cmid_dedupe_inside_one_batch(store: Store) -> None:
     a, b, c = await asyncio.gather(
         send(store, "alice", "bob", "k", "one"),
         send(store, "alice", "dave", "k", "two"),
@@ -178,7 +163,7 @@ async def test_cmid_dedupe_inside_one_batch(store: SqlStore) -> None:
 # ------------------------------------------------------------------ watermarks
 
 
-async def test_watermarks_only_move_forward(store: SqlStore) -> None:
+async def test_watermarks_only_move_forward(store: Store) -> None:
     for i in range(3):
         await send(store, "alice", "bob", f"m{i}")
     conv = conv_id("alice", "bob")
@@ -197,7 +182,7 @@ async def test_watermarks_only_move_forward(store: SqlStore) -> None:
     assert moved.receipt is not None and moved.receipt.upto == 3 and moved.watermark == 3
 
 
-async def test_mark_capped_at_last_message_to_user(store: SqlStore) -> None:
+async def test_mark_capped_at_last_message_to_user(store: Store) -> None:
     await send(store, "alice", "bob", "m1")
     await send(store, "alice", "bob", "m2")
     await send(store, "bob", "alice", "m3")  # seq 3 is bob's own
@@ -213,7 +198,7 @@ async def test_mark_capped_at_last_message_to_user(store: SqlStore) -> None:
     assert await store.last_cur("carol") == 1
 
 
-async def test_upto_too_high_and_not_a_member(store: SqlStore) -> None:
+async def test_upto_too_high_and_not_a_member(store: Store) -> None:
     await send(store, "alice", "bob", "m1")
     conv = conv_id("alice", "bob")
     with pytest.raises(UptoTooHigh):
@@ -226,7 +211,7 @@ async def test_upto_too_high_and_not_a_member(store: SqlStore) -> None:
         await store.mark("bob", conv_id("bob", "zed"), "read", 0, TS)
 
 
-async def test_read_implies_delivered_single_event(store: SqlStore) -> None:
+async def test_read_implies_delivered_single_event(store: Store) -> None:
     await send(store, "alice", "bob", "m1")
     await send(store, "alice", "bob", "m2")
     conv = conv_id("alice", "bob")
@@ -247,7 +232,7 @@ async def test_read_implies_delivered_single_event(store: SqlStore) -> None:
 # ---------------------------------------------------------------------- reads
 
 
-async def test_events_range_and_limit(store: SqlStore) -> None:
+async def test_events_range_and_limit(store: Store) -> None:
     for i in range(5):
         await send(store, "alice", "bob", f"m{i}")
     await store.mark("bob", conv_id("alice", "bob"), "delivered", 5, TS)
@@ -261,7 +246,7 @@ async def test_events_range_and_limit(store: SqlStore) -> None:
     assert await store.events("nobody", 0, 100, 10) == []
 
 
-async def test_undelivered(store: SqlStore) -> None:
+async def test_undelivered(store: Store) -> None:
     await send(store, "alice", "bob", "a1")
     await send(store, "bob", "alice", "b1")  # own message: excluded for bob
     await send(store, "alice", "bob", "a2")
@@ -279,7 +264,7 @@ async def test_undelivered(store: SqlStore) -> None:
     assert await store.undelivered("bob", 0, curs[0] - 1, 100) == []
 
 
-async def test_history_paging(store: SqlStore) -> None:
+async def test_history_paging(store: Store) -> None:
     for i in range(1, 8):
         a, b = ("alice", "bob") if i % 2 else ("bob", "alice")
         await send(store, a, b, f"m{i}")
@@ -297,14 +282,14 @@ async def test_history_paging(store: SqlStore) -> None:
     assert (exact.delivered, exact.read) == (0, 0)  # alice never marked
 
 
-async def test_history_of_empty_conversation(store: SqlStore) -> None:
+async def test_history_of_empty_conversation(store: Store) -> None:
     page = await store.history("alice", "zoe", None, 50)
     assert page.conv == conv_id("alice", "zoe")
     assert list(page.messages) == [] and not page.more
     assert (page.delivered, page.read) == (0, 0)
 
 
-async def test_convs_order_unread_and_peer_marks(store: SqlStore) -> None:
+async def test_convs_order_unread_and_peer_marks(store: Store) -> None:
     await store.send("bob", "alice", "1", "x", "text", TS + 1)
     await store.send("carol", "alice", "2", "x", "text", TS + 2)
     await store.send("bob", "alice", "3", "x", "text", TS + 3)
@@ -331,7 +316,7 @@ async def test_convs_order_unread_and_peer_marks(store: SqlStore) -> None:
     assert await store.convs("nobody", 10) == []
 
 
-async def test_unread_with_marks_and_sends_in_one_batch(store: SqlStore) -> None:
+async def test_unread_with_marks_and_sends_in_one_batch(store: Store) -> None:
     await send(store, "alice", "bob", "1")
     await send(store, "alice", "bob", "2")
     conv = conv_id("alice", "bob")
@@ -344,7 +329,7 @@ async def test_unread_with_marks_and_sends_in_one_batch(store: SqlStore) -> None
     assert c.unread == 2 and c.seq == 4
 
 
-async def test_body_round_trip(store: SqlStore) -> None:
+async def test_body_round_trip(store: Store) -> None:
     bodies: list[str | bytes] = ["héllo ✓ 🙂", b"\x00\xff\x80binary", "", b""]
     outs = [await send(store, "alice", "bob", f"b{i}", body) for i, body in enumerate(bodies)]
     for o, body in zip(outs, bodies, strict=True):
@@ -361,85 +346,10 @@ async def test_body_round_trip(store: SqlStore) -> None:
 # ------------------------------------------------------------------ batching
 
 
-async def test_group_commit_off(store_url: str) -> None:
-    s = SqlStore(store_url, group_commit=False)
-    await s.open()
-    try:
-        outs = await asyncio.gather(*(send(s, "alice", "bob", f"c{i}") for i in range(20)))
-        assert sorted(o.message.seq for o in outs) == list(range(1, 21))
-        assert s.batches == 20
-        assert_contiguous([e.cur for e in await all_events(s, "bob")])
-    finally:
-        await s.close()
-
-
-async def test_commit_window_paces_transactions(store_url: str) -> None:
-    """A write that finds the writer idle commits at once, whatever the window; writes
-    that arrive while a window runs share the next transaction."""
-    idle = SqlStore(store_url, commit_window=60.0)
-    await idle.open()
-    try:
-        async with asyncio.timeout(10):  # a delay of a whole window would time out
-            await send(idle, "alice", "bob", "m1")
-    finally:
-        await idle.close()
-
-    s = SqlStore(store_url, commit_window=1.0)
-    await s.open()
-    try:
-        await send(s, "alice", "bob", "m2")  # opens a window
-        batches = s.batches
-        first = asyncio.ensure_future(send(s, "alice", "bob", "m3"))
-        await s.last_cur("alice")  # a read round trip while m3 waits for the window
-        second = asyncio.ensure_future(send(s, "bob", "alice", "m4"))
-        outs = await asyncio.gather(first, second)
-    finally:
-        await s.close()
-    assert [o.message.seq for o in outs] == [3, 4]  # after m1, m2
-    assert s.batches == batches + 1  # one transaction for both
-
-
-async def test_write_after_an_idle_window_commits_at_once(store_url: str) -> None:
-    """Not only the store's first write: any write that finds the writer idle for a
-    whole window. (The idle time is what is tested, so this test sleeps through it.)"""
-    s = SqlStore(store_url, commit_window=1.0)
-    await s.open()
-    try:
-        await send(s, "alice", "bob", "m1")
-        await asyncio.sleep(1.05)
-        async with asyncio.timeout(0.8):  # a wait for a window would take 1 s
-            await send(s, "alice", "bob", "m2")
-    finally:
-        await s.close()
-
-
-async def test_close_cancelled_while_the_writer_waits_answers_every_write(
-    store_url: str,
-) -> None:
-    """close() cancelled (a shutdown timeout) while the writer holds a write and waits
-    for its window: that write and the queued ones are answered, none hangs."""
-    s = SqlStore(store_url, commit_window=60.0)
-    await s.open()
-    await send(s, "alice", "bob", "m1")  # opens a window
-    held = s.send("alice", "bob", "m2", "hi", "text", TS)
-    await asyncio.sleep(0)  # the writer takes it (its wake-up was scheduled first)
-    assert s._queue.qsize() == 0
-    closing = asyncio.ensure_future(s.close())
-    await asyncio.sleep(0)  # close() now waits for the writer
-    closing.cancel()
-    await asyncio.gather(closing, return_exceptions=True)
-    async with asyncio.timeout(5):
-        with pytest.raises(StorageUnavailable):
-            await held
-    with pytest.raises(StorageUnavailable):
-        s.send("alice", "bob", "m3", "hi", "text", TS)  # the writer is gone
-    await s.close()
-
-
-async def test_failing_op_does_not_fail_its_batch(store: SqlStore) -> None:
+async def test_failing_op_does_not_fail_its_batch(store: Store) -> None:
     await send(store, "alice", "bob", "m0")
     conv = conv_id("alice", "bob")
-    batches = store.batches
+    batches = store.stats().batches
     results = await asyncio.gather(
         send(store, "alice", "bob", "m1"),
         store.mark("carol", conv, "read", 1, TS),
@@ -449,7 +359,7 @@ async def test_failing_op_does_not_fail_its_batch(store: SqlStore) -> None:
         store.mark("bob", conv, "delivered", 2, TS),
         return_exceptions=True,
     )
-    assert store.batches == batches + 1
+    assert store.stats().batches == batches + 1
     assert isinstance(results[0], SendOutcome) and results[0].message.seq == 2
     assert isinstance(results[1], NotAMember)
     assert isinstance(results[2], UptoTooHigh)
@@ -461,7 +371,7 @@ async def test_failing_op_does_not_fail_its_batch(store: SqlStore) -> None:
     assert_contiguous([e.cur for e in await all_events(store, "bob")])
 
 
-async def test_a_value_the_database_refuses_fails_only_its_own_op(store: SqlStore) -> None:
+async def test_a_value_the_database_refuses_fails_only_its_own_op(store: Store) -> None:
     """One write the database refuses (here a `ts` over 64 bits: SQLite's driver and
     PostgreSQL both refuse it) fails alone, with StorageRejected; the writes that shared
     its transaction are stored in queue order, numbered as if it had never been sent."""
@@ -489,27 +399,6 @@ async def test_a_value_the_database_refuses_fails_only_its_own_op(store: SqlStor
     assert [m.cmid for m in page.messages] == ["m2", "m1", "m0"]  # newest first
     again = await send(store, "bob", "alice", "m3")  # the writer goes on
     assert again.message.seq == 4
-
-
-async def test_an_outage_while_writes_are_retried_one_by_one_fails_the_rest_at_once(
-    store: SqlStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """After a refused value, the writes are committed one per transaction; if the
-    database then fails, the rest fail at once (one timeout, not one per write)."""
-    calls: list[int] = []
-
-    async def failing(batch: Any) -> list[object]:
-        calls.append(len(batch))
-        if len(batch) > 1:
-            raise OverflowError("a value the driver refuses")
-        raise sqlite3.OperationalError("disk I/O error")
-
-    monkeypatch.setattr(store, "_commit_batch", failing)
-    results = await asyncio.gather(
-        *(send(store, "alice", "bob", f"m{i}") for i in range(5)), return_exceptions=True
-    )
-    assert all(isinstance(r, StorageUnavailable) for r in results)
-    assert calls == [5, 1]
 
 
 async def test_close_finishes_queued_writes(store_url: str) -> None:
@@ -573,38 +462,6 @@ async def test_two_stores_taking_turns(store_url: str) -> None:
     finally:
         await s1.close()
         await s2.close()
-
-
-async def test_sqlite_writer_cache_holds_only_committed_rows(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The SQLite writer keeps counters between batches: a failed batch leaves nothing
-    of its own in that cache, and a cache smaller than the data starts over correctly."""
-    url = normalize_url(str(tmp_path / "cache.db"))
-    await upgrade_async(url)
-    s = SqlStore(url)
-    s._sqlite_cache.max_rows = 3
-    await s.open()
-    try:
-        for i in range(5):  # more users and conversations than the cache holds
-            await send(s, f"u{i}", "hub", f"a{i}")
-        real = SqliteIO.update_members
-
-        def failing(self: SqliteIO, rows: Any) -> None:  # after the counters were written
-            raise sqlite3.OperationalError("disk I/O error")
-
-        monkeypatch.setattr(SqliteIO, "update_members", failing)
-        with pytest.raises(StorageUnavailable):
-            await send(s, "u0", "hub", "lost")  # counters moved in memory, then rolled back
-        monkeypatch.setattr(SqliteIO, "update_members", real)
-        out = await send(s, "u0", "hub", "kept")
-        assert (out.message.seq, out.sender_cur, out.recipient_cur) == (2, 2, 6)
-        mark = await s.mark("hub", out.message.conv, "read", 2, TS)
-        assert mark.marker_cur == 7 and mark.peer_cur == 3
-        assert_contiguous([e.cur for e in await all_events(s, "hub")])
-        assert [c.unread for c in await s.convs("hub", 10) if c.peer == "u0"] == [0]
-    finally:
-        await s.close()
 
 
 # --------------------------------------------------------------- availability
