@@ -1,6 +1,6 @@
 """The statements of one group commit, behind one small interface, two implementations.
 
-`SqlStore._apply` decides *what* a batch writes (seq, cur, watermarks) once, in
+`storage.plan` decides *what* a batch writes (seq, cur, watermarks) once, in
 Python; a `BatchIO` says *how* its dozen statements reach the database:
 
 - `PostgresIO`: SQLAlchemy Core over a sync `Connection` (through

@@ -83,7 +83,7 @@ async def test_close_cancelled_while_the_writer_waits_answers_every_write(
     await send(s, "alice", "bob", "m1")  # opens a window
     held = s.send("alice", "bob", "m2", "hi", "text", TS)
     await asyncio.sleep(0)  # the writer takes it (its wake-up was scheduled first)
-    assert s._queue.qsize() == 0
+    assert s._writer.queue.qsize() == 0
     closing = asyncio.ensure_future(s.close())
     await asyncio.sleep(0)  # close() now waits for the writer
     closing.cancel()
@@ -109,7 +109,7 @@ async def test_an_outage_while_writes_are_retried_one_by_one_fails_the_rest_at_o
             raise OverflowError("a value the driver refuses")
         raise sqlite3.OperationalError("disk I/O error")
 
-    monkeypatch.setattr(store, "_commit_batch", failing)
+    monkeypatch.setattr(store._writer, "commit", failing)
     results = await asyncio.gather(
         *(send(store, "alice", "bob", f"m{i}") for i in range(5)), return_exceptions=True
     )
