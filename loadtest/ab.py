@@ -9,8 +9,10 @@ records the server's CPU per acknowledged message and the send -> msg latency.
 A build runs from its own tree (working directory and PYTHONPATH), so it imports
 its own `chatd`, `protocol` and `storage` with this environment's libraries.
 `--extra NAME='--commit-window-ms 3'` passes serve flags to one build (two names
-may share a tree). Alternating spreads the machine's drift over every build:
-compare builds within one run, never with another day's numbers.
+may share a tree). `--relay` adds `loadtest/relay.py` (the same frames, nothing
+stored) to every round: the floor that chatd's CPU per message is read against.
+Alternating spreads the machine's drift over every build: compare builds within one
+run, never with another day's numbers.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any
 from .bench_server import issue2_trace
 from .report import build_report
 from .runner import ReplayOptions, run_replay
-from .servers import start_chatd
+from .servers import start_chatd, start_relay
 
 __all__ = ["Build", "parse_builds", "run_ab"]
 
@@ -34,12 +36,14 @@ __all__ = ["Build", "parse_builds", "run_ab"]
 @dataclass(frozen=True, slots=True)
 class Build:
     name: str
-    tree: Path
+    tree: Path | None
+    """None: the bare websockets relay (`loadtest/relay.py`), not a chatd build."""
     extra: list[str] = field(default_factory=list)
 
 
-def parse_builds(builds: list[str], extras: list[str]) -> list[Build]:
-    """`NAME=DIR` builds and `NAME=FLAGS` extras -> Builds; ValueError when malformed."""
+def parse_builds(builds: list[str], extras: list[str], relay: bool = False) -> list[Build]:
+    """`NAME=DIR` builds and `NAME=FLAGS` extras -> Builds (and the relay, last, when
+    `relay`); ValueError when malformed."""
     flags: dict[str, list[str]] = {}
     for e in extras:
         name, sep, args = e.partition("=")
@@ -57,6 +61,8 @@ def parse_builds(builds: list[str], extras: list[str]) -> list[Build]:
         out.append(Build(name, path, flags.pop(name, [])))
     if flags:
         raise ValueError(f"--extra for unknown builds: {', '.join(sorted(flags))}")
+    if relay:
+        out.append(Build("relay", None))
     if len({b.name for b in out}) != len(out):
         raise ValueError("build names must differ")
     return out
@@ -80,7 +86,11 @@ def run_ab(
     with tempfile.TemporaryDirectory(prefix="chatd-ab-") as td:
         for r in range(rounds):
             for b in builds:
-                srv = start_chatd(Path(td) / f"{b.name}-{r}.db", secret, extra=b.extra, tree=b.tree)
+                if b.tree is None:
+                    srv = start_relay()
+                else:
+                    db = Path(td) / f"{b.name}-{r}.db"
+                    srv = start_chatd(db, secret, extra=b.extra, tree=b.tree)
                 try:
                     cpu0 = srv.cpu_s()
                     raw = run_replay(
@@ -125,7 +135,10 @@ def run_ab(
             {
                 "rate": rate,
                 "duration": duration,
-                "builds": [{"name": b.name, "tree": str(b.tree), "extra": b.extra} for b in builds],
+                "builds": [
+                    {"name": b.name, "tree": str(b.tree or "relay"), "extra": b.extra}
+                    for b in builds
+                ],
                 "runs": runs,
             },
             indent=2,

@@ -131,6 +131,11 @@ def _parser() -> argparse.ArgumentParser:
     ab.add_argument(
         "--extra", action="append", default=[], help="NAME='--flag value': serve flags of a build"
     )
+    ab.add_argument(
+        "--relay",
+        action="store_true",
+        help="also run loadtest/relay.py (the same frames, nothing stored) in every round",
+    )
     ab.add_argument("--rate", type=float, default=2000.0)
     ab.add_argument("--duration", type=float, default=10.0)
     ab.add_argument("--rounds", type=int, default=3)
@@ -183,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .ab import parse_builds, run_ab
 
         try:
-            builds = parse_builds(a.build, a.extra)
+            builds = parse_builds(a.build, a.extra, relay=a.relay)
         except ValueError as exc:
             print(f"chatd-loadtest: {exc}", file=sys.stderr)
             return 2

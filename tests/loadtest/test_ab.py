@@ -37,6 +37,15 @@ def test_two_builds_alternate_and_every_run_is_checked(
     assert "server µs/msg" in capsys.readouterr().out
 
 
+def test_the_relay_runs_beside_the_builds_in_every_round(tmp_path: Path) -> None:
+    builds = parse_builds([f"one={ROOT}"], [], relay=True)
+    assert [(b.name, b.tree) for b in builds] == [("one", ROOT), ("relay", None)]
+    assert run_ab(builds, tmp_path, rate=40.0, duration=1.5, rounds=1, users=10) == 0
+    runs = json.loads((tmp_path / "ab.json").read_text())["runs"]
+    assert [r["build"] for r in runs] == ["one", "relay"]
+    assert all(r["ok"] and r["server_us_per_msg"] > 0 for r in runs)
+
+
 def test_a_server_starts_with_a_secret_that_looks_like_a_flag(tmp_path: Path) -> None:
     """token_urlsafe() secrets start with "-" one time in 64: the bench's server once
     took such a secret for a flag and did not start."""
