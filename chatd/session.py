@@ -173,7 +173,7 @@ class Session:
         if self.req is not None:
             self.ctx.metrics.sessions.dec()
             await self.ctx.hub.detach(self)
-            log.info("conn %d: closed (user %s, device %s)", self.conn_id, self.user, self.device)
+            log.info("conn %d: closed (user %r, device %r)", self.conn_id, self.user, self.device)
 
     async def _close(self, code: int, reason: str) -> None:
         if self._phase is Phase.CLOSED:
@@ -269,7 +269,7 @@ class Session:
         welcome = welcome_map(self.user, self.device, cur, now_ms(), hello.id)
         await self.ws.send(encode_map(welcome))
         who = (self.conn_id, self.user, self.device, hello.since, cur)
-        log.info("conn %d: hello user %s device %s since %s cur %d", *who)
+        log.info("conn %d: hello user %r device %r since %s cur %d", *who)
         self.out.user = self.user
         writer = self.out.writer = asyncio.create_task(self.out.run(hello.since, cur))
         writer.add_done_callback(self._writer_done)
