@@ -3,8 +3,10 @@
 `storage.plan` decides *what* a batch writes (seq, cur, watermarks) once, in
 Python; a `BatchIO` says *how* its dozen statements reach the database:
 
-- `PostgresIO`: SQLAlchemy Core over a sync `Connection` (through
-  `AsyncConnection.run_sync` on asyncpg): row locks with SELECT ... FOR UPDATE.
+- `storage.batch_pg.PrefetchIO`: PostgreSQL, where steps 1-4 and step 6 are two
+  server-side functions (migration 0002) called on a plain asyncpg connection;
+  the IO answers the plan's reads from the first one's answer and gathers the
+  rows of the second.
 - `SqliteIO`: the stdlib `sqlite3` cursor of the SQLite writer thread. SQLite has
   one writer at a time (BEGIN IMMEDIATE), so it needs no row locks, and plain
   cursor calls cost a small fraction of SQLAlchemy's per-statement overhead,
@@ -20,17 +22,12 @@ import sqlite3
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
-from sqlalchemy import Table, and_, bindparam, func, select, tuple_, update
-from sqlalchemy.dialects import postgresql as pg_dialect
-from sqlalchemy.engine import Connection
+from storage.schema import events, members, messages
 
-from storage.schema import convs, events, members, messages, users
-
-__all__ = ["BatchIO", "PostgresIO", "Row", "SqliteCache", "SqliteIO"]
+__all__ = ["BatchIO", "Row", "SqliteCache", "SqliteIO"]
 
 Row = Mapping[Any, Any]
 
-_TABLES: dict[str, Table] = {t.name: t for t in (users, convs, members, messages, events)}
 _EVENT_COLS = tuple(c.name for c in events.c)
 _MESSAGE_COLS = tuple(c.name for c in messages.c if c.name != "mid")
 
@@ -78,108 +75,6 @@ def _pad(n: int) -> int:
     while size < n:
         size *= 2
     return size
-
-
-# ------------------------------------------------------------------------ SQLAlchemy
-
-
-class PostgresIO:
-    """SQLAlchemy Core on PostgreSQL: counters locked with SELECT ... FOR UPDATE."""
-
-    def __init__(self, conn: Connection) -> None:
-        self._conn = conn
-
-    def pairs(
-        self,
-        table: str,
-        key: tuple[str, str],
-        cols: Sequence[str],
-        pairs: Sequence[tuple[str, str]],
-    ) -> list[Row]:
-        t = _TABLES[table]
-        ka, kb = key
-        q = select(*(t.c[n] for n in cols)).where(tuple_(t.c[ka], t.c[kb]).in_(list(pairs)))
-        return list(self._conn.execute(q).mappings())
-
-    def lock_users(self, ids: Sequence[str]) -> list[Row]:
-        q = select(users.c.user_id, users.c.last_cur).where(users.c.user_id.in_(list(ids)))
-        q = q.order_by(users.c.user_id).with_for_update()
-        return list(self._conn.execute(q).mappings())
-
-    def lock_convs(self, keys: Sequence[str]) -> list[Row]:
-        q = select(convs.c.conv, convs.c.last_seq, convs.c.last_ts, convs.c.last_mid)
-        q = q.where(convs.c.conv.in_(list(keys))).order_by(convs.c.conv).with_for_update()
-        return list(self._conn.execute(q).mappings())
-
-    def insert_missing(self, table: str, key: Sequence[str], rows: Sequence[Row]) -> None:
-        stmt = pg_dialect.insert(_TABLES[table]).on_conflict_do_nothing(index_elements=list(key))
-        self._conn.execute(stmt, list(rows))
-
-    def insert_messages(self, rows: Sequence[Row]) -> list[int]:
-        res = self._conn.execute(
-            messages.insert().returning(messages.c.mid, sort_by_parameter_order=True), list(rows)
-        )
-        return [int(m) for m in res.scalars().all()]
-
-    def insert_events(self, rows: Sequence[Row]) -> None:
-        self._conn.execute(events.insert(), list(rows))
-
-    def update_user_curs(self, rows: Sequence[Row]) -> None:
-        self._conn.execute(
-            update(users)
-            .where(users.c.user_id == bindparam("b_user"))
-            .values(last_cur=bindparam("b_cur")),
-            list(rows),
-        )
-
-    def update_convs(self, rows: Sequence[Row]) -> None:
-        self._conn.execute(
-            update(convs)
-            .where(convs.c.conv == bindparam("b_conv"))
-            .values(
-                last_seq=bindparam("b_seq"), last_ts=bindparam("b_ts"), last_mid=bindparam("b_mid")
-            ),
-            list(rows),
-        )
-
-    def update_members(self, rows: Sequence[Row]) -> None:
-        self._conn.execute(
-            update(members)
-            .where(
-                and_(
-                    members.c.user_id == bindparam("b_user"), members.c.conv == bindparam("b_conv")
-                )
-            )
-            .values(
-                delivered=bindparam("b_delivered"),
-                read=bindparam("b_read"),
-                last_recv_seq=bindparam("b_recv"),
-                unread=bindparam("b_unread"),
-            ),
-            list(rows),
-        )
-
-    def recount_unread(self, rows: Sequence[Row]) -> None:
-        count = (
-            select(func.count())
-            .select_from(messages)
-            .where(
-                messages.c.conv == members.c.conv,
-                messages.c.recipient == members.c.user_id,
-                messages.c.seq > members.c.read,
-            )
-            .scalar_subquery()
-        )
-        self._conn.execute(
-            update(members)
-            .where(
-                and_(
-                    members.c.user_id == bindparam("b_user"), members.c.conv == bindparam("b_conv")
-                )
-            )
-            .values(unread=count),
-            list(rows),
-        )
 
 
 _MAX_CHUNK = 64

@@ -8,8 +8,11 @@ plan (`storage.plan`: the statements of a batch, steps 1-6) decides what a batch
 writes, through `storage.batch_io`. Reads (`storage.reads`) use a pool of their
 own. This module wires them together and owns the engines and connections:
 
-- PostgreSQL: the writer's transaction runs the plan through `run_sync` on a
-  one-connection asyncpg engine (row locks: SELECT ... FOR UPDATE).
+- PostgreSQL: the writer's transaction runs on a plain asyncpg connection
+  (`storage.batch_pg`): steps 1-4 and step 6 are two server-side functions, one
+  round trip each (row locks: SELECT ... FOR UPDATE). `?statement_cache_size=0` in
+  the URL: behind PgBouncer in transaction pooling mode (no named prepared
+  statement outlives its transaction, for the writer and the readers).
 - SQLite: the whole transaction goes in one hop to a writer thread, on its own
   stdlib `sqlite3` connection (BEGIN IMMEDIATE: one writer at a time), which
   keeps the rows it wrote between batches (`batch_io.SqliteCache`). The readers
@@ -21,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
@@ -40,11 +44,12 @@ from storage.base import (
     StorageUnavailable,
     StoreStats,
 )
-from storage.batch_io import PostgresIO, SqliteCache, SqliteIO
+from storage.batch_io import SqliteCache, SqliteIO
+from storage.batch_pg import PgBatchWriter
 from storage.ops import MarkOp, Op, SendOp
 from storage.plan import apply_batch
 from storage.reads import SqlReads
-from storage.urls import normalize_url, sqlite_path
+from storage.urls import asyncpg_dsn, pg_statement_cache_size, sqlite_path
 from storage.writer import GroupCommitWriter
 
 __all__ = ["SqlStore"]
@@ -63,6 +68,11 @@ def _sqlite_pragmas(dbapi_conn: Any) -> None:
         cursor.execute("PRAGMA foreign_keys=ON")
     finally:
         cursor.close()
+
+
+def _unique_statement_name() -> str:
+    """A prepared statement's name no other client of a PgBouncer server connection uses."""
+    return f"__chatd_{uuid.uuid4().hex}__"
 
 
 def _sqlite_reader_setup(engine: Engine) -> None:
@@ -104,7 +114,7 @@ class SqlStore:
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
-        self.url = normalize_url(url)
+        self.url, self._statement_cache_size = pg_statement_cache_size(url)
         self.group_commit = group_commit
         self.pool_size = pool_size
         self._writer = GroupCommitWriter(
@@ -114,7 +124,7 @@ class SqlStore:
         )
         self._reads = SqlReads()
         self._sqlite = self.url.startswith("sqlite")
-        self._writer_engine: AsyncEngine | None = None
+        self._pg_writer: PgBatchWriter | None = None
         self._sqlite_conn: sqlite3.Connection | None = None
         """The SQLite writer's connection: used only on the `_sqlite_exec` thread."""
         self._sqlite_exec: ThreadPoolExecutor | None = None
@@ -156,18 +166,24 @@ class SqlStore:
 
     # ---------------------------------------------------------------- lifecycle
 
-    def _make_engine(self, *, writer: bool) -> AsyncEngine:
-        size = 1 if writer else max(1, self.pool_size)
+    def _make_reader_engine(self) -> AsyncEngine:
+        size = max(1, self.pool_size)
         if self._sqlite:
             engine = create_async_engine(self.url, pool_size=size, max_overflow=0)
             _sqlite_reader_setup(engine.sync_engine)
             return engine
+        connect_args: dict[str, Any] = {"timeout": _PG_CONNECT_TIMEOUT_S}
+        if self._statement_cache_size is not None:
+            connect_args["statement_cache_size"] = self._statement_cache_size
+        if self._statement_cache_size == 0:  # PgBouncer: see the module docstring
+            connect_args["prepared_statement_cache_size"] = 0
+            connect_args["prepared_statement_name_func"] = _unique_statement_name
         return create_async_engine(
             self.url,
             pool_size=size,
-            max_overflow=0 if writer else size,
-            pool_pre_ping=not writer,
-            connect_args={"timeout": _PG_CONNECT_TIMEOUT_S},
+            max_overflow=size,
+            pool_pre_ping=True,
+            connect_args=connect_args,
         )
 
     async def open(self) -> None:
@@ -182,11 +198,14 @@ class SqlStore:
                 f"chatd needs SQLite {'.'.join(map(str, _SQLITE_MIN))} or newer "
                 f"(UPDATE ... FROM); this Python has {sqlite3.sqlite_version}"
             )
-        self._reads.engine = self._make_engine(writer=False)
+        self._reads.engine = self._make_reader_engine()
         if self._sqlite:
             self._sqlite_exec = ThreadPoolExecutor(1, thread_name_prefix="chatd-sqlite-writer")
         else:
-            self._writer_engine = self._make_engine(writer=True)
+            cache = self._statement_cache_size
+            self._pg_writer = PgBatchWriter(
+                asyncpg_dsn(self.url), statement_cache_size=100 if cache is None else cache
+            )
         try:
             await self.ping()
         except StorageUnavailable:
@@ -200,12 +219,13 @@ class SqlStore:
         await self._dispose()
 
     async def _dispose(self) -> None:
-        for engine in (self._reads.engine, self._writer_engine):
-            if engine is not None:
-                with contextlib.suppress(Exception):
-                    await engine.dispose()
-        self._reads.engine = None
-        self._writer_engine = None
+        engine, self._reads.engine = self._reads.engine, None
+        if engine is not None:
+            with contextlib.suppress(Exception):
+                await engine.dispose()
+        pg_writer, self._pg_writer = self._pg_writer, None
+        if pg_writer is not None:
+            await pg_writer.close()
         pool, self._sqlite_exec = self._sqlite_exec, None
         if pool is not None:
             with contextlib.suppress(Exception):
@@ -241,18 +261,17 @@ class SqlStore:
     async def _commit_batch(self, batch: Sequence[Op]) -> list[object]:
         """One transaction for the batch (the writer's `commit`). SQLite: the whole
         transaction in one hop to the writer thread, on its own stdlib sqlite3
-        connection. PostgreSQL: the same plan through `run_sync` on the async
-        (asyncpg) connection."""
+        connection. PostgreSQL: the same plan around two server-side functions on the
+        writer's asyncpg connection (`storage.batch_pg`)."""
         if self._sqlite:
             if self._sqlite_exec is None:
                 raise StorageUnavailable("store is not open")
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self._sqlite_exec, self._commit_batch_sync, batch)
-        engine = self._writer_engine
-        if engine is None:
+        pg_writer = self._pg_writer
+        if pg_writer is None:
             raise StorageUnavailable("store is not open")
-        async with engine.connect() as conn, conn.begin():
-            return await conn.run_sync(lambda sync_conn: apply_batch(PostgresIO(sync_conn), batch))
+        return await pg_writer.commit(batch)
 
     def _commit_batch_sync(self, batch: Sequence[Op]) -> list[object]:
         """Runs on the SQLite writer thread (the only user of `_sqlite_conn`)."""

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["is_postgres", "is_sqlite", "normalize_url", "sqlite_path"]
+from sqlalchemy.engine import make_url
+
+__all__ = [
+    "asyncpg_dsn",
+    "is_postgres",
+    "is_sqlite",
+    "normalize_url",
+    "pg_statement_cache_size",
+    "sqlite_path",
+]
 
 _SQLITE_PREFIXES = ("sqlite+aiosqlite://", "sqlite+pysqlite://", "sqlite://")
 _PG_PREFIXES = (
@@ -57,3 +66,32 @@ def is_sqlite(url: str) -> bool:
 
 def is_postgres(url: str) -> bool:
     return normalize_url(url).startswith("postgresql")
+
+
+STATEMENT_CACHE_OPTION = "statement_cache_size"
+"""A PostgreSQL URL's query option (asyncpg's own name): `?statement_cache_size=0` behind
+PgBouncer in transaction pooling mode (no named prepared statement outlives its
+transaction); chatd takes it off the URL and configures its writer and readers."""
+
+
+def pg_statement_cache_size(url: str) -> tuple[str, int | None]:
+    """`url` (normalized) without the `statement_cache_size` option, and its value (None:
+    not given)."""
+    u = make_url(normalize_url(url))
+    raw = u.query.get(STATEMENT_CACHE_OPTION)
+    if raw is None:
+        return u.render_as_string(hide_password=False), None
+    value = raw[-1] if isinstance(raw, tuple) else raw
+    if not value.isdigit():
+        raise ValueError(f"{STATEMENT_CACHE_OPTION} must be a number, not {value!r}")
+    u = u.difference_update_query([STATEMENT_CACHE_OPTION])
+    return u.render_as_string(hide_password=False), int(value)
+
+
+def asyncpg_dsn(url: str) -> str:
+    """The DSN that `asyncpg.connect` takes for a PostgreSQL URL (no `+driver`)."""
+    return (
+        make_url(normalize_url(url))
+        .set(drivername="postgresql")
+        .render_as_string(hide_password=False)
+    )

@@ -1,0 +1,213 @@
+"""The PostgreSQL group commit: one batch in four round trips on a plain asyncpg connection.
+
+    BEGIN
+    SELECT chatd_batch_read(...)     steps 1-4 (storage/plan.py) on the server: locks,
+                                     missing rows created, every row the plan needs
+    (step 5 in Python: `storage.plan.BatchPlan`, the same code as on SQLite)
+    SELECT chatd_batch_write(...)    step 6 on the server, from parallel arrays
+    COMMIT
+
+The two functions are created by migration 0002. `PrefetchIO` is the `BatchIO`
+the plan runs on: it answers steps 1-4 from the read function's answer and
+records step 6 for the write function, so the plan stays synchronous and backend
+free. SQLAlchemy is not on this path: its per-statement cost was most of the
+writer's CPU (its reads still use SQLAlchemy, `storage.reads`).
+
+Each writer connection reconnects on its next batch after it broke (an outage, a
+restart, a terminated backend); the failed batch is answered StorageUnavailable
+by `storage.writer`. With `statement_cache_size=0` in the URL (PgBouncer in
+transaction pooling mode, which before 1.21 cannot carry named prepared
+statements from one transaction to the next) each statement is prepared unnamed
+in its own transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import asyncpg
+
+from storage.base import conv_id
+from storage.batch_io import Row
+from storage.ops import MarkOp, Op, SendOp
+from storage.plan import apply_batch
+
+__all__ = ["PgBatchWriter", "PrefetchIO"]
+
+_CONNECT_TIMEOUT_S = 10.0
+_COMMAND_TIMEOUT_S = 30.0
+"""A batch whose statements take longer (a hung connection) fails and reconnects."""
+
+_READ_SQL = "SELECT chatd_batch_read($1, $2, $3, $4, $5, $6)"
+_WRITE_SQL = "SELECT chatd_batch_write(" + ", ".join(f"${i}" for i in range(1, 35)) + ")"
+
+_MESSAGE_COLS = (
+    "mid",
+    "conv",
+    "seq",
+    "sender",
+    "recipient",
+    "cmid",
+    "ts",
+    "type",
+    "body",
+    "is_text",
+    "sender_cur",
+    "recipient_cur",
+)
+_EVENT_COLS = ("user_id", "cur", "kind", "conv", "mid", "upto", "by_user", "ts")
+_MEMBER_COLS = ("user_id", "conv", "peer", "delivered", "read", "last_recv_seq", "unread")
+
+
+class PrefetchIO:
+    """A `storage.batch_io.BatchIO` over the answer of `chatd_batch_read` (steps 1-4 done
+    on the server: every row exists and is locked) that records step 6's rows."""
+
+    def __init__(self, answer: Mapping[str, Any]) -> None:
+        self._users = {u: {"user_id": u, "last_cur": c} for u, c in answer["users"] or ()}
+        self._convs = {
+            c: {"conv": c, "last_seq": s, "last_ts": t, "last_mid": m}
+            for c, s, t, m in answer["convs"] or ()
+        }
+        self._members = {
+            (r[0], r[1]): dict(zip(_MEMBER_COLS, r, strict=True)) for r in answer["members"] or ()
+        }
+        self._stored: dict[tuple[str, str], dict[str, Any]] = {}
+        for m in answer["stored"] or ():
+            m["body"] = base64.b64decode(m["body"])
+            self._stored[(m["sender"], m["cmid"])] = m
+        self._mids: list[int] = answer["mids"] or []
+        self.messages: list[Row] = []
+        self.events: list[Row] = []
+        self.user_curs: list[Row] = []
+        self.convs: list[Row] = []
+        self.members: list[Row] = []
+        self.recount: list[Row] = []
+
+    def pairs(
+        self,
+        table: str,
+        key: tuple[str, str],
+        cols: Sequence[str],
+        pairs: Sequence[tuple[str, str]],
+    ) -> list[Row]:
+        rows = self._members if table == "members" else self._stored
+        return [rows[p] for p in pairs if p in rows]
+
+    def lock_users(self, ids: Sequence[str]) -> list[Row]:
+        return [self._users[u] for u in ids if u in self._users]
+
+    def lock_convs(self, keys: Sequence[str]) -> list[Row]:
+        return [self._convs[c] for c in keys if c in self._convs]
+
+    def insert_missing(self, table: str, key: Sequence[str], rows: Sequence[Row]) -> None:
+        # chatd_batch_read created every row the plan asks for; a miss is a bug in one of them.
+        raise RuntimeError(f"chatd_batch_read did not create the {table} rows the plan needs")
+
+    def insert_messages(self, rows: Sequence[Row]) -> list[int]:
+        if len(rows) > len(self._mids):
+            raise RuntimeError("chatd_batch_read allotted too few message ids")
+        mids = self._mids[: len(rows)]
+        self.messages.extend({**r, "mid": mid} for r, mid in zip(rows, mids, strict=True))
+        return mids
+
+    def insert_events(self, rows: Sequence[Row]) -> None:
+        self.events.extend(rows)
+
+    def update_user_curs(self, rows: Sequence[Row]) -> None:
+        self.user_curs.extend(rows)
+
+    def update_convs(self, rows: Sequence[Row]) -> None:
+        self.convs.extend(rows)
+
+    def update_members(self, rows: Sequence[Row]) -> None:
+        self.members.extend(rows)
+
+    def recount_unread(self, rows: Sequence[Row]) -> None:
+        self.recount.extend(rows)
+
+    def write_args(self) -> list[list[Any]]:
+        """The 34 arrays of `chatd_batch_write`, column by column."""
+        out = _columns(self.messages, _MESSAGE_COLS) + _columns(self.events, _EVENT_COLS)
+        out += _columns(self.user_curs, ("b_user", "b_cur"))
+        out += _columns(self.convs, ("b_conv", "b_seq", "b_ts", "b_mid"))
+        out += _columns(
+            self.members, ("b_user", "b_conv", "b_delivered", "b_read", "b_recv", "b_unread")
+        )
+        return out + _columns(self.recount, ("b_user", "b_conv"))
+
+
+def _columns(rows: Sequence[Row], cols: Sequence[str]) -> list[list[Any]]:
+    return [[r[c] for r in rows] for c in cols]
+
+
+def read_args(batch: Sequence[Op]) -> list[list[str]]:
+    """The 6 arrays of `chatd_batch_read`: the sends (sender, recipient, cmid, conv) in
+    queue order, and the marks (user, conv)."""
+    sends = [op for op in batch if isinstance(op, SendOp)]
+    marks = [op for op in batch if isinstance(op, MarkOp)]
+    return [
+        [s.sender for s in sends],
+        [s.recipient for s in sends],
+        [s.cmid for s in sends],
+        [conv_id(s.sender, s.recipient) for s in sends],
+        [m.user for m in marks],
+        [m.conv for m in marks],
+    ]
+
+
+class PgBatchWriter:
+    """The writer's connection to PostgreSQL and the commit of one batch on it.
+
+    `dsn`: an asyncpg DSN. `statement_cache_size`: asyncpg's (0 behind PgBouncer's
+    transaction pooling). One instance serves one batch at a time."""
+
+    def __init__(self, dsn: str, *, statement_cache_size: int = 100) -> None:
+        self.dsn = dsn
+        self.statement_cache_size = statement_cache_size
+        self._conn: asyncpg.Connection | None = None
+
+    async def _connection(self) -> asyncpg.Connection:
+        conn = self._conn
+        if conn is None or conn.is_closed():
+            conn = self._conn = await asyncpg.connect(
+                self.dsn,
+                timeout=_CONNECT_TIMEOUT_S,
+                command_timeout=_COMMAND_TIMEOUT_S,
+                statement_cache_size=self.statement_cache_size,
+            )
+        return conn
+
+    async def commit(self, batch: Sequence[Op]) -> list[object]:
+        """One transaction for `batch`: a result per op (see `storage.writer.Commit`)."""
+        conn = await self._connection()
+        try:
+            async with conn.transaction():
+                answer = json.loads(await conn.fetchval(_READ_SQL, *read_args(batch)))
+                io = PrefetchIO(answer)
+                results = apply_batch(io, batch)
+                await conn.execute(_WRITE_SQL, *io.write_args())
+        except BaseException as exc:
+            if not isinstance(exc, asyncpg.PostgresError) or conn.is_in_transaction():
+                # A timeout, a cancel, a broken socket: the connection's state is unknown.
+                self._drop()
+            raise
+        return results
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.is_closed():
+            conn.terminate()
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.is_closed():
+            try:
+                async with asyncio.timeout(_CONNECT_TIMEOUT_S):
+                    await conn.close()
+            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                conn.terminate()
