@@ -34,7 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     token = sub.add_parser("token", help="print a JWT for USER, signed with the server's secret")
     token.add_argument("user")
     token.add_argument("--ttl", type=float, default=86400.0, help="seconds of validity [86400]")
-    add_options(token, {"db", "jwt_secret", "jwt_secret_file", "jwt_algorithms", "log_level"})
+    minting = {"db", "jwt_secret", "jwt_secret_file", "jwt_algorithms", "jwt_public_key"}
+    minting |= {"jwt_max_ttl", "jwt_issuer", "jwt_audience", "log_level"}
+    add_options(token, minting)
 
     migrate = sub.add_parser("migrate", help="apply pending database migrations and exit")
     add_options(migrate, {"db", "log_level"})

@@ -50,9 +50,18 @@ class Config:
     broker: str = "memory"
     jwt_secret: str = ""
     jwt_secret_file: str = ""
-    jwt_algorithms: tuple[str, ...] = ("HS256",)
+    jwt_algorithms: tuple[str, ...] = ()
+    """Accepted JWT algorithms (empty: HS256 with a secret, each public key's own)."""
     jwt_leeway: float = 0.0
     """Seconds a token is still accepted after its `exp` (clock skew of its issuer)."""
+    jwt_public_key: str = ""
+    """A PEM public key or JWKS file: the node verifies RS*/ES* tokens and mints none."""
+    jwt_max_ttl: float = 7 * 86400.0
+    """Longest token lifetime accepted (`exp - iat`, or `exp - now` without `iat`)."""
+    jwt_issuer: str = ""
+    """Required `iss` of every token (unset: not checked)."""
+    jwt_audience: str = ""
+    """Required `aud` of every token (unset: a token with an `aud` is refused)."""
     group_commit: bool = True
     max_batch: int = 256
     commit_window_ms: float = 5.0
@@ -132,6 +141,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("jwt_secret_file", str, "file holding the JWT secret (created if missing)"),
     Option("jwt_algorithms", _algs, "accepted JWT algorithms, comma separated"),
     Option("jwt_leeway", float, "seconds a token stays valid after its exp (clock skew)"),
+    Option("jwt_public_key", str, "PEM public key or JWKS file: verify RS256/ES256, mint none"),
+    Option("jwt_max_ttl", float, "longest token lifetime in seconds (exp - iat)"),
+    Option("jwt_issuer", str, "required iss claim (unset: not checked)"),
+    Option("jwt_audience", str, "required aud claim (unset: tokens with an aud are refused)"),
     Option("group_commit", _bool, "batch concurrent writes into one transaction"),
     Option("max_batch", int, "most writes in one group commit"),
     Option("commit_window_ms", float, "ms between the starts of two group commits at least"),
@@ -200,8 +213,7 @@ def _check(cfg: Config) -> None:
         for f in fields(sub):
             if getattr(sub, f.name) <= 0:
                 raise ConfigError(f"limit {f.name} must be positive")
-    if not 0.0 <= cfg.jwt_leeway <= 300.0:
-        raise ConfigError("jwt_leeway must be between 0 and 300 seconds")
+    _check_tokens(cfg)
     if cfg.outbox_limit < 1 or cfg.outbox_bytes < 1:
         raise ConfigError("outbox_limit and outbox_bytes must be positive")
     if cfg.gc_young < 0:
@@ -210,3 +222,15 @@ def _check(cfg: Config) -> None:
         raise ConfigError("commit_window_ms must be between 0 and 100")
     if cfg.limits.max_body >= cfg.limits.max_frame:
         raise ConfigError("max_body must be below max_frame")
+
+
+def _check_tokens(cfg: Config) -> None:
+    if not 0.0 <= cfg.jwt_leeway <= 300.0:
+        raise ConfigError("jwt_leeway must be between 0 and 300 seconds")
+    if not 60.0 <= cfg.jwt_max_ttl <= 366 * 86400.0:
+        raise ConfigError("jwt_max_ttl must be between 60 seconds and 366 days")
+    if cfg.jwt_public_key and (cfg.jwt_secret or cfg.jwt_secret_file):
+        raise ConfigError(
+            "jwt_public_key and a JWT secret exclude each other: a node verifies with "
+            "either the account service's public keys or a shared secret"
+        )

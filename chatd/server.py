@@ -7,6 +7,7 @@ import itertools
 import logging
 from collections.abc import Sequence
 from http import HTTPStatus
+from pathlib import Path
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from websockets.asyncio.server import Server as WsServer
@@ -17,7 +18,7 @@ from websockets.typing import Subprotocol
 from protocol import SUBPROTOCOL
 from storage.base import StorageError, Store
 
-from .auth import Authenticator, load_or_create_secret
+from .auth import Authenticator, TokenPolicy, load_or_create_secret, load_public_keys
 from .broker import Broker
 from .config import Config
 from .connection import ChatConnection
@@ -33,8 +34,19 @@ __all__ = ["Server", "authenticator_for", "build_broker", "build_store"]
 
 
 def authenticator_for(config: Config) -> Authenticator:
+    """Verifies with the account service's public keys when given (and creates no secret),
+    else with the shared secret (generated into a file when none is set)."""
+    policy = TokenPolicy(
+        leeway=config.jwt_leeway,
+        max_ttl=config.jwt_max_ttl,
+        issuer=config.jwt_issuer,
+        audience=config.jwt_audience,
+    )
+    if config.jwt_public_key:
+        keys = load_public_keys(Path(config.jwt_public_key))
+        return Authenticator(algorithms=config.jwt_algorithms, keys=keys, policy=policy)
     secret = config.jwt_secret or load_or_create_secret(config.secret_path())
-    return Authenticator(secret, config.jwt_algorithms, config.jwt_leeway)
+    return Authenticator(secret, config.jwt_algorithms, policy=policy)
 
 
 def build_store(config: Config) -> Store:

@@ -140,6 +140,9 @@ def test_config_flag_beats_env_beats_default() -> None:
         {"CHATD_MAX_BODY": "70000"},
         {"CHATD_JWT_LEEWAY": "-1"},
         {"CHATD_JWT_LEEWAY": "301"},
+        {"CHATD_JWT_MAX_TTL": "10"},
+        {"CHATD_JWT_MAX_TTL": "1e9"},
+        {"CHATD_JWT_PUBLIC_KEY": "pub.pem", "CHATD_JWT_SECRET": "s" * 32},
     ],
 )
 def test_config_refuses_bad_values(env: dict[str, str]) -> None:
