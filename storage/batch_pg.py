@@ -172,8 +172,11 @@ class PgBatchWriter:
         self._conn: asyncpg.Connection | None = None
 
     async def _connection(self) -> asyncpg.Connection:
+        """The open connection, or a new one after a failed batch dropped it. A connection
+        that broke while idle fails its next batch (as a broken one in use does), which
+        drops it: one outage, one failed batch, whenever it is noticed."""
         conn = self._conn
-        if conn is None or conn.is_closed():
+        if conn is None:
             conn = self._conn = await asyncpg.connect(
                 self.dsn,
                 timeout=_CONNECT_TIMEOUT_S,
@@ -192,7 +195,11 @@ class PgBatchWriter:
                 results = apply_batch(io, batch)
                 await conn.execute(_WRITE_SQL, *io.write_args())
         except BaseException as exc:
-            if not isinstance(exc, asyncpg.PostgresError) or conn.is_in_transaction():
+            if (
+                not isinstance(exc, asyncpg.PostgresError)
+                or conn.is_closed()
+                or conn.is_in_transaction()
+            ):
                 # A timeout, a cancel, a broken socket: the connection's state is unknown.
                 self._drop()
             raise
