@@ -16,7 +16,7 @@ import json
 import sys
 from typing import Any
 
-from storage.base import MarkOutcome, SendOutcome
+from storage.base import MarkKind, MarkOutcome, SendOutcome
 from storage.sql import SqlStore
 
 USERS = [f"u{i}" for i in range(5)]
@@ -44,7 +44,7 @@ async def _send_and_mark(store: SqlStore, side: str, r: int, i: int) -> dict[str
     if (r + i) % 2:
         a, b = b, a
     out = await store.send(a, b, f"{side}-{r}-{i}", f"{side} {r} {i}", "text", r)
-    kind = "read" if r % 3 == 0 else "delivered"
+    kind: MarkKind = "read" if r % 3 == 0 else "delivered"
     mark: MarkOutcome = await store.mark(b, out.message.conv, kind, out.message.seq, r)
     return {"send": _sent(out), "marked": mark.receipt is not None}
 
