@@ -199,19 +199,35 @@ class Outbox:
         is pushed, in order, until cancelled."""
         await self._catch_up(since, welcome_cur)
         self.seq.last = welcome_cur
-        loop = asyncio.get_running_loop()
         while True:
             if not self._items:
-                drained, self._drained = self._drained, None
-                if drained is not None and not drained.done():
-                    drained.set_result(None)
-                self._waiter = loop.create_future()
-                await self._waiter
-                self._waiter = None
+                await self._idle()
                 continue
             items, self._items = self._items, []
             self._bytes = 0
             await self._write_items(items)
+
+    async def _idle(self) -> None:
+        """Wait for the next push; or, while the sequencer holds events above a gap, until
+        the reorder window has passed, then fill the gap from storage."""
+        drained, self._drained = self._drained, None
+        if drained is not None and not drained.done():
+            drained.set_result(None)
+        deadline = self.seq.deadline()
+        wait = None if deadline is None else deadline - time.monotonic()
+        if wait is not None and wait <= 0.0:
+            gap = self.seq.gap(time.monotonic())
+            if gap is not None:
+                await self._fill(gap.upto)
+            return
+        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            if wait is None:
+                await waiter
+            else:
+                await asyncio.wait((waiter,), timeout=wait)  # never cancels the waiter
+        finally:
+            self._waiter = None
 
     async def _catch_up(self, since: int | None, welcome_cur: int) -> None:
         """Write exactly the events with since < cur <= welcome_cur (without `since`:
