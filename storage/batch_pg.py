@@ -161,29 +161,29 @@ def read_args(batch: Sequence[Op]) -> list[list[str]]:
 
 
 class PgBatchWriter:
-    """The writer's connection to PostgreSQL and the commit of one batch on it.
+    """The writer's connections to PostgreSQL and the commit of one batch on one of them.
 
     `dsn`: an asyncpg DSN. `statement_cache_size`: asyncpg's (0 behind PgBouncer's
-    transaction pooling). One instance serves one batch at a time."""
+    transaction pooling). Each batch takes an idle connection (or opens one): as many
+    connections as batches commit at once (`storage.writer`'s `concurrency`)."""
 
     def __init__(self, dsn: str, *, statement_cache_size: int = 100) -> None:
         self.dsn = dsn
         self.statement_cache_size = statement_cache_size
-        self._conn: asyncpg.Connection | None = None
+        self._idle: list[asyncpg.Connection] = []
 
     async def _connection(self) -> asyncpg.Connection:
-        """The open connection, or a new one after a failed batch dropped it. A connection
-        that broke while idle fails its next batch (as a broken one in use does), which
-        drops it: one outage, one failed batch, whenever it is noticed."""
-        conn = self._conn
-        if conn is None:
-            conn = self._conn = await asyncpg.connect(
-                self.dsn,
-                timeout=_CONNECT_TIMEOUT_S,
-                command_timeout=_COMMAND_TIMEOUT_S,
-                statement_cache_size=self.statement_cache_size,
-            )
-        return conn
+        """An idle connection, or a new one. One that broke while idle fails its next
+        batch (as a broken one in use does), which drops it: one outage, one failed
+        batch per connection, whenever it is noticed."""
+        if self._idle:
+            return self._idle.pop()
+        return await asyncpg.connect(
+            self.dsn,
+            timeout=_CONNECT_TIMEOUT_S,
+            command_timeout=_COMMAND_TIMEOUT_S,
+            statement_cache_size=self.statement_cache_size,
+        )
 
     async def commit(self, batch: Sequence[Op]) -> list[object]:
         """One transaction for `batch`: a result per op (see `storage.writer.Commit`)."""
@@ -196,23 +196,20 @@ class PgBatchWriter:
                 await conn.execute(_WRITE_SQL, *io.write_args())
         except BaseException as exc:
             if (
-                not isinstance(exc, asyncpg.PostgresError)
-                or conn.is_closed()
-                or conn.is_in_transaction()
+                isinstance(exc, asyncpg.PostgresError)
+                and not conn.is_closed()
+                and not conn.is_in_transaction()
             ):
-                # A timeout, a cancel, a broken socket: the connection's state is unknown.
-                self._drop()
+                self._idle.append(conn)  # the database refused: the connection is fine
+            else:  # a timeout, a cancel, a broken socket: the connection's state is unknown
+                conn.terminate()
             raise
+        self._idle.append(conn)
         return results
 
-    def _drop(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None and not conn.is_closed():
-            conn.terminate()
-
     async def close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None and not conn.is_closed():
+        idle, self._idle = self._idle, []
+        for conn in idle:
             try:
                 async with asyncio.timeout(_CONNECT_TIMEOUT_S):
                     await conn.close()

@@ -96,8 +96,9 @@ class SqlStore:
     runs one op per transaction (for benchmarks). `max_batch`: ops per
     transaction at most. `commit_window`: seconds between the starts of two
     transactions at least (0: commit as soon as the writer is free); ops that
-    arrive in between join the next one. `pool_size`: connections for reads (the
-    writer has its own single connection).
+    arrive in between join the next one. `pool_size`: connections for reads.
+    `writers` (PostgreSQL only): batches committed at once, each on a writer
+    connection of its own (1: one after the other, one connection).
     """
 
     BATCH_SIZE_BOUNDS: ClassVar[tuple[int, ...]] = GroupCommitWriter.BATCH_SIZE_BOUNDS
@@ -111,19 +112,21 @@ class SqlStore:
         max_batch: int = 256,
         pool_size: int = 10,
         commit_window: float = 0.0,
+        writers: int = 1,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         self.url, self._statement_cache_size = pg_statement_cache_size(url)
         self.group_commit = group_commit
         self.pool_size = pool_size
+        self._sqlite = self.url.startswith("sqlite")
         self._writer = GroupCommitWriter(
             self._commit_batch,
             max_batch=max_batch if group_commit else 1,
             commit_window=commit_window if group_commit else 0.0,
+            concurrency=1 if self._sqlite else writers,
         )
         self._reads = SqlReads()
-        self._sqlite = self.url.startswith("sqlite")
         self._pg_writer: PgBatchWriter | None = None
         self._sqlite_conn: sqlite3.Connection | None = None
         """The SQLite writer's connection: used only on the `_sqlite_exec` thread."""

@@ -6,7 +6,9 @@ One writer task owns every write. `SqlStore.send()` / `mark()` queue an op with
 a future (`storage.ops`) and return that future. The writer takes the first op,
 drains the ops already queued (up to `max_batch`), commits them all in ONE
 transaction (the `commit` it was given: for `SqlStore`, `storage.plan` on the
-writer's connection), then answers the futures in queue order. It starts a
+writer's connection), then answers the futures in queue order. With `concurrency`
+N > 1 (PostgreSQL only: N connections) up to N batches commit at once, each in a
+task of its own; their row locks order the batches that touch the same people. It starts a
 transaction at most once per `commit_window`: an op that finds the writer idle
 for a whole window is committed at once (no added latency when the load is
 light), while under load the ops of each window share one transaction (fewer
@@ -59,12 +61,19 @@ class GroupCommitWriter:
     BATCH_SIZE_BOUNDS: ClassVar[tuple[int, ...]] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
     """Upper bounds of the buckets of `batch_sizes` (ops per transaction)."""
 
-    def __init__(self, commit: Commit, *, max_batch: int, commit_window: float) -> None:
-        if max_batch < 1:
-            raise ValueError("max_batch must be >= 1")
+    def __init__(
+        self, commit: Commit, *, max_batch: int, commit_window: float, concurrency: int = 1
+    ) -> None:
+        if max_batch < 1 or concurrency < 1:
+            raise ValueError("max_batch and concurrency must be >= 1")
         self.commit = commit
         self.max_batch = max_batch
         self.commit_window = commit_window
+        self.concurrency = concurrency
+        """Batches committed at once at most (each on a connection of its own): the next
+        batch starts while earlier ones commit. 1: one after the other."""
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(concurrency)
         self.queue: asyncio.Queue[Op | None] = asyncio.Queue()
         """The ops waiting for a batch; None: stop after the ops before it."""
         self._task: asyncio.Task[None] | None = None
@@ -126,6 +135,17 @@ class GroupCommitWriter:
     # ------------------------------------------------------------------ batches
 
     async def _run(self) -> None:
+        try:
+            await self._form_batches()
+            while self._in_flight:
+                await asyncio.wait(set(self._in_flight))
+        except asyncio.CancelledError:  # each cancelled batch answers its ops
+            for t in list(self._in_flight):
+                t.cancel()
+            await asyncio.gather(*self._in_flight, return_exceptions=True)
+            raise
+
+    async def _form_batches(self) -> None:
         queue = self.queue
         loop = asyncio.get_running_loop()
         stop = False
@@ -145,6 +165,12 @@ class GroupCommitWriter:
                     fail_ops(batch, "store closed")  # taken out of the queue already
                     raise
             started = loop.time()
+            if self.concurrency > 1:  # wait for a free slot before the batch is formed
+                try:
+                    await self._slots.acquire()
+                except asyncio.CancelledError:
+                    fail_ops(batch, "store closed")
+                    raise
             while len(batch) < self.max_batch:
                 try:
                     nxt = queue.get_nowait()
@@ -154,7 +180,16 @@ class GroupCommitWriter:
                     stop = True
                     break
                 batch.append(nxt)
-            await self._run_batch(batch)
+            if self.concurrency == 1:
+                await self._run_batch(batch)
+            else:  # in a task of its own, holding its slot: the next batch forms meanwhile
+                task = asyncio.create_task(self._run_batch(batch), name="chatd-storage-batch")
+                self._in_flight.add(task)
+                task.add_done_callback(self._batch_done)
+
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.discard(task)
+        self._slots.release()
 
     async def _run_batch(self, batch: list[Op]) -> None:
         """Commit `batch` and answer its ops, whatever happens."""
