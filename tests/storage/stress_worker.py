@@ -1,6 +1,6 @@
 """One side of the two-process stress test (tests/storage/test_two_processes.py).
 
-    python -m tests.storage.stress_worker URL SIDE ROUNDS
+    python -m tests.storage.stress_worker URL SIDE ROUNDS WRITERS
 
 Opens a SqlStore on URL, prints `ready`, waits for a line on stdin, then hammers
 the ten conversations of five users from both directions (sends, each followed by
@@ -54,8 +54,8 @@ async def _shared(store: SqlStore, r: int) -> dict[str, Any]:
     return {"send": _sent(await store.send(a, b, f"shared-{r}", "shared", "text", r))}
 
 
-async def main(url: str, side: str, rounds: int) -> None:
-    store = SqlStore(url, max_batch=64)
+async def main(url: str, side: str, rounds: int, writers: int) -> None:
+    store = SqlStore(url, max_batch=64, writers=writers)
     await store.open()
     try:
         print("ready", flush=True)
@@ -72,4 +72,4 @@ async def main(url: str, side: str, rounds: int) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+    asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))

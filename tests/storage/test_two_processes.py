@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import pytest
 
 from storage.sql import SqlStore
 from tests.conftest import asyncpg_dsn
@@ -22,7 +23,7 @@ ROUNDS = 40
 ROOT = Path(__file__).resolve().parents[2]
 
 
-async def _start(url: str, side: str) -> asyncio.subprocess.Process:
+async def _start(url: str, side: str, writers: int) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -30,6 +31,7 @@ async def _start(url: str, side: str) -> asyncio.subprocess.Process:
         url,
         side,
         str(ROUNDS),
+        str(writers),
         cwd=ROOT,
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
@@ -55,8 +57,10 @@ async def _watch_streams(url: str, done: asyncio.Event) -> int:
     return reads
 
 
-async def test_two_processes_on_one_database(pg_url: str) -> None:
-    procs = [await _start(pg_url, side) for side in ("left", "right")]
+@pytest.mark.parametrize("writers", [1, 2])
+async def test_two_processes_on_one_database(pg_url: str, writers: int) -> None:
+    """writers=2: each process also commits two batches at once (two connections)."""
+    procs = [await _start(pg_url, side, writers) for side in ("left", "right")]
     done = asyncio.Event()
     try:
         async with asyncio.timeout(60):

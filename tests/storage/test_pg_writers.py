@@ -1,0 +1,75 @@
+"""PostgreSQL with several writer connections (`SqlStore(writers=N)`): batches commit at
+once, each on its own connection; the row locks keep every invariant. The contract cases
+again, and a close that is cancelled while batches are in flight."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+
+import pytest
+
+from storage.base import SendOutcome, StorageUnavailable, Store
+from storage.ops import Op
+from storage.sql import SqlStore
+from tests.storage.helpers import TS, all_events, assert_contiguous
+from tests.storage.test_pgbouncer import CONTRACT
+
+
+@pytest.mark.parametrize("case", CONTRACT, ids=lambda f: f.__name__.removeprefix("test_"))
+async def test_contract_with_three_writers(
+    pg_url: str, case: Callable[[Store], Awaitable[None]]
+) -> None:
+    store = SqlStore(pg_url, writers=3)
+    await store.open()
+    try:
+        await case(store)
+    finally:
+        await store.close()
+
+
+async def test_batches_overlap_and_every_stream_stays_gap_free(pg_url: str) -> None:
+    store = SqlStore(pg_url, writers=3, max_batch=4)
+    await store.open()
+    commit = store._writer.commit
+    active: list[int] = []
+
+    async def counted(batch: Sequence[Op]) -> list[object]:
+        active.append(1)
+        peak.append(len(active))
+        try:
+            return await commit(batch)
+        finally:
+            active.pop()
+
+    peak: list[int] = []
+    store._writer.commit = counted
+    try:
+        users = [f"u{i}" for i in range(8)]
+        outs = await asyncio.gather(
+            *(
+                store.send(users[i % 8], users[(i * 3 + 1) % 8], f"c{i}", "x", "text", TS)
+                for i in range(400)
+                if i % 8 != (i * 3 + 1) % 8
+            )
+        )
+        assert max(peak) == 3  # three batches were committing at once
+        for u in users:
+            assert_contiguous([e.cur for e in await all_events(store, u)])
+        assert all(isinstance(o, SendOutcome) and not o.dup for o in outs)
+    finally:
+        await store.close()
+
+
+async def test_cancelled_close_answers_the_batches_in_flight(pg_url: str) -> None:
+    store = SqlStore(pg_url, writers=2, max_batch=2)
+    await store.open()
+    futs = [store.send("a", "b", f"c{i}", "x", "text", TS) for i in range(40)]
+    closing = asyncio.ensure_future(store.close())
+    await asyncio.sleep(0)
+    closing.cancel()
+    await asyncio.gather(closing, return_exceptions=True)
+    async with asyncio.timeout(10):
+        results = await asyncio.gather(*futs, return_exceptions=True)
+    assert all(isinstance(r, SendOutcome | StorageUnavailable) for r in results)
+    await store.close()
