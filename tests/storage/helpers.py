@@ -1,10 +1,14 @@
-"""Helpers of the storage tests: a send with the usual arguments, a user's whole stream."""
+"""Helpers of the storage tests: a send with the usual arguments, a user's whole stream, a
+contract case run on a store of particular options."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from storage.base import Event, SendOutcome, Store
+from storage.sql import SqlStore
 
 TS = 1_700_000_000_000
 
@@ -23,3 +27,13 @@ async def all_events(store: Store, user: str) -> list[Event]:
 
 def assert_contiguous(curs: list[int]) -> None:
     assert curs == list(range(1, len(curs) + 1))
+
+
+async def run_case(case: Callable[[Store], Awaitable[None]], url: str, **options: Any) -> None:
+    """The contract case `case` on a `SqlStore(url, **options)` opened for it."""
+    store = SqlStore(url, **options)
+    await store.open()
+    try:
+        await case(store)
+    finally:
+        await store.close()

@@ -12,7 +12,7 @@ import pytest
 from storage.base import SendOutcome, StorageUnavailable, Store
 from storage.ops import Op
 from storage.sql import SqlStore
-from tests.storage.helpers import TS, all_events, assert_contiguous
+from tests.storage.helpers import TS, all_events, assert_contiguous, run_case
 from tests.storage.test_pgbouncer import CONTRACT
 
 
@@ -20,12 +20,7 @@ from tests.storage.test_pgbouncer import CONTRACT
 async def test_contract_with_three_writers(
     pg_url: str, case: Callable[[Store], Awaitable[None]]
 ) -> None:
-    store = SqlStore(pg_url, writers=3)
-    await store.open()
-    try:
-        await case(store)
-    finally:
-        await store.close()
+    await run_case(case, pg_url, writers=3)
 
 
 async def test_batches_overlap_and_every_stream_stays_gap_free(pg_url: str) -> None:

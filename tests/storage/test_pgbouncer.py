@@ -13,8 +13,8 @@ import pytest_asyncio
 from sqlalchemy.engine import make_url
 
 from storage.base import Store
-from storage.sql import SqlStore
 from tests.storage import test_store_contract as contract
+from tests.storage.helpers import run_case
 from tests.storage.pgbouncer import pgbouncer
 
 CONTRACT: list[Callable[[Store], Awaitable[None]]] = [
@@ -46,12 +46,7 @@ async def bouncer_url(pg_url: str) -> AsyncIterator[str]:
 async def test_contract_behind_pgbouncer(
     bouncer_url: str, case: Callable[[Store], Awaitable[None]]
 ) -> None:
-    store = SqlStore(bouncer_url)
-    await store.open()
-    try:
-        await case(store)
-    finally:
-        await store.close()
+    await run_case(case, bouncer_url)
 
 
 async def test_two_stores_behind_pgbouncer(bouncer_url: str) -> None:
