@@ -9,7 +9,9 @@ records the server's CPU per acknowledged message and the send -> msg latency.
 A build runs from its own tree (working directory and PYTHONPATH), so it imports
 its own `chatd`, `protocol` and `storage` with this environment's libraries.
 `--extra NAME='--commit-window-ms 3'` passes serve flags to one build (two names
-may share a tree). `--relay` adds `loadtest/relay.py` (the same frames, nothing
+may share a tree); with `--extra "NAME=--db postgresql://.../DB"` the run also
+reports PostgreSQL's own CPU per message (`loadtest.procstat`). Every run reports
+how busy the whole machine was. `--relay` adds `loadtest/relay.py` (the same frames, nothing
 stored) to every round: the floor that chatd's CPU per message is read against.
 Alternating spreads the machine's drift over every build: compare builds within one
 run, never with another day's numbers.
@@ -17,18 +19,23 @@ run, never with another day's numbers.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import secrets
 import shlex
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .bench_server import issue2_trace
+from .procstat import MachineBusy, PostgresCpu
 from .report import build_report
 from .runner import ReplayOptions, run_replay
 from .servers import start_chatd, start_relay
+from .trace import Trace
 
 __all__ = ["Build", "parse_builds", "run_ab"]
 
@@ -68,6 +75,52 @@ def parse_builds(builds: list[str], extras: list[str], relay: bool = False) -> l
     return out
 
 
+def _pg_db_index(extra: list[str]) -> int | None:
+    """Where the PostgreSQL URL of `--db postgresql://...` is in `extra`, if it is."""
+    for i, arg in enumerate(extra[:-1]):
+        if arg == "--db" and extra[i + 1].startswith(("postgres://", "postgresql")):
+            return i + 1
+    return None
+
+
+async def _pg_admin(url: str, sql: str) -> None:
+    import asyncpg  # the store's driver: only for builds served on PostgreSQL
+
+    dsn = url.replace("postgresql+asyncpg://", "postgresql://")
+    conn = await asyncpg.connect(dsn.rsplit("/", 1)[0] + "/postgres", timeout=10)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@contextlib.contextmanager
+def _round_db(extra: list[str], r: int) -> Iterator[tuple[list[str], PostgresCpu | None]]:
+    """A build's serve flags for round `r`: a `--db postgresql://.../NAME` becomes a fresh
+    database NAME_r<r> (created here, dropped after), with the CPU of its PostgreSQL
+    processes; other builds keep their flags (SQLite: a fresh file per round anyway)."""
+    i = _pg_db_index(extra)
+    if i is None:
+        yield extra, None
+        return
+    base, _, query = extra[i].partition("?")
+    name = f"{base.rsplit('/', 1)[1]}_r{r}"
+    url = f"{base.rsplit('/', 1)[0]}/{name}" + (f"?{query}" if query else "")
+    asyncio.run(_pg_admin(url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    asyncio.run(_pg_admin(url, f'CREATE DATABASE "{name}"'))
+    try:
+        yield [*extra[:i], url, *extra[i + 1 :]], PostgresCpu(name)
+    finally:
+        asyncio.run(_pg_admin(url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def _per_msg(seconds: float | None, rep: dict[str, Any]) -> float | None:
+    acked = rep["throughput"].get("acked_msgs") or 0
+    if seconds is None or not acked:
+        return None
+    return round(seconds * 1e6 / acked, 1)
+
+
 def run_ab(
     builds: list[Build],
     out: Path,
@@ -86,50 +139,17 @@ def run_ab(
     with tempfile.TemporaryDirectory(prefix="chatd-ab-") as td:
         for r in range(rounds):
             for b in builds:
-                if b.tree is None:
-                    srv = start_relay()
-                else:
-                    db = Path(td) / f"{b.name}-{r}.db"
-                    srv = start_chatd(db, secret, extra=b.extra, tree=b.tree)
-                try:
-                    cpu0 = srv.cpu_s()
-                    raw = run_replay(
-                        trace,
-                        ReplayOptions(
-                            urls=[srv.url], jwt_secret=secret, drain_timeout=30.0, progress=False
-                        ),
-                    )
-                    cpu = srv.cpu_s() - cpu0
-                finally:
-                    srv.stop()
-                rep = build_report(raw, name=f"{b.name}-r{r}", server={"cpu_s": round(cpu, 3)})
-                lat = rep["latency_ms"]["delivery_live"]
-                row = {
-                    "build": b.name,
-                    "round": r,
-                    "achieved": rep["throughput"]["achieved_rate"],
-                    "server_us_per_msg": rep["server"].get("cpu_us_per_msg"),
-                    "tester_us_per_msg": rep["tester"]["cpu_us_per_msg"],
-                    "tester_saturated": rep["tester"]["saturated"],
-                    "send_msg_p50": lat.get("p50"),
-                    "send_msg_p99": lat.get("p99"),
-                    "ok": rep["verdict"]["ok"],
-                }
+                with _round_db(b.extra, r) as (extra, pg):
+                    row = _run_one(b, r, trace, secret, Path(td), extra, pg)
                 runs.append(row)
-                print(
-                    f"{b.name:>12} r{r}  achieved {row['achieved']:>8,.1f} msg/s  "
-                    f"server {row['server_us_per_msg']} µs/msg  "
-                    f"send->msg p50 {row['send_msg_p50']} p99 {row['send_msg_p99']} ms  "
-                    f"tester saturated {'YES' if row['tester_saturated'] else 'no'}  "
-                    f"{'OK' if row['ok'] else 'NOT OK'}",
-                    flush=True,
-                )
     print(f"\n== {rate:,.0f} msg/s, {duration:g} s, {rounds} round(s), builds alternating ==")
     for b in builds:
         mine = [x for x in runs if x["build"] == b.name]
         cpus = ", ".join(str(x["server_us_per_msg"]) for x in mine)
         p99s = ", ".join(str(x["send_msg_p99"]) for x in mine)
-        print(f"{b.name:>12}  server µs/msg: {cpus}   send->msg p99 ms: {p99s}")
+        pgs = ", ".join(str(x["pg_us_per_msg"]) for x in mine)
+        pg_part = f"   postgres µs/msg: {pgs}" if any(x["pg_us_per_msg"] for x in mine) else ""
+        print(f"{b.name:>12}  server µs/msg: {cpus}{pg_part}   send->msg p99 ms: {p99s}")
     (out / "ab.json").write_text(
         json.dumps(
             {
@@ -145,3 +165,61 @@ def run_ab(
         )
     )
     return 0 if all(x["ok"] for x in runs) else 1
+
+
+def _run_one(
+    b: Build,
+    r: int,
+    trace: Trace,
+    secret: str,
+    td: Path,
+    extra: list[str],
+    pg: PostgresCpu | None,
+) -> dict[str, Any]:
+    """One replay of `trace` against build `b` (served with `extra`): its row, printed."""
+    srv = (
+        start_relay()
+        if b.tree is None
+        else start_chatd(td / f"{b.name}-{r}.db", secret, extra=extra, tree=b.tree)
+    )
+    busy = MachineBusy()
+    try:
+        cpu0 = srv.cpu_s()
+        busy.start()
+        if pg is not None:
+            pg.start()
+        raw = run_replay(
+            trace,
+            ReplayOptions(urls=[srv.url], jwt_secret=secret, drain_timeout=30.0, progress=False),
+        )
+        cpu = srv.cpu_s() - cpu0
+        pg_s = None if pg is None else pg.seconds()  # before the backends exit
+        machine = busy.share()
+    finally:
+        srv.stop()
+    rep = build_report(raw, name=f"{b.name}-r{r}", server={"cpu_s": round(cpu, 3)})
+    lat = rep["latency_ms"]["delivery_live"]
+    row = {
+        "build": b.name,
+        "round": r,
+        "achieved": rep["throughput"]["achieved_rate"],
+        "server_us_per_msg": rep["server"].get("cpu_us_per_msg"),
+        "tester_us_per_msg": rep["tester"]["cpu_us_per_msg"],
+        "tester_saturated": rep["tester"]["saturated"],
+        "send_msg_p50": lat.get("p50"),
+        "send_msg_p99": lat.get("p99"),
+        "ok": rep["verdict"]["ok"],
+        "pg_us_per_msg": _per_msg(pg_s, rep),
+        "machine_busy": round(machine, 3),
+    }
+    print(
+        f"{b.name:>12} r{r}  achieved {row['achieved']:>8,.1f} msg/s  "
+        f"server {row['server_us_per_msg']} µs/msg  "
+        + (f"postgres {row['pg_us_per_msg']} µs/msg  " if pg is not None else "")
+        + f"machine busy {machine:.0%}  "
+        f"send->msg p50 {row['send_msg_p50']} p99 {row['send_msg_p99']} ms  "
+        f"tester saturated {'YES' if row['tester_saturated'] else 'no'}  "
+        f"{'OK' if row['ok'] else 'NOT OK'}",
+        flush=True,
+    )
+    return row
