@@ -76,8 +76,11 @@ transaction); chatd takes it off the URL and configures its writer and readers."
 
 def pg_statement_cache_size(url: str) -> tuple[str, int | None]:
     """`url` (normalized) without the `statement_cache_size` option, and its value (None:
-    not given)."""
-    u = make_url(normalize_url(url))
+    not given, or not PostgreSQL)."""
+    norm = normalize_url(url)
+    if not norm.startswith("postgresql"):
+        return norm, None
+    u = make_url(norm)
     raw = u.query.get(STATEMENT_CACHE_OPTION)
     if raw is None:
         return u.render_as_string(hide_password=False), None

@@ -13,6 +13,7 @@ import pytest_asyncio
 from sqlalchemy.engine import make_url
 
 from storage.base import Store
+from storage.urls import pg_statement_cache_size
 from tests.storage import test_store_contract as contract
 from tests.storage.helpers import run_case
 from tests.storage.pgbouncer import pgbouncer
@@ -55,3 +56,12 @@ async def test_two_stores_behind_pgbouncer(bouncer_url: str) -> None:
 
 async def test_two_stores_taking_turns_behind_pgbouncer(bouncer_url: str) -> None:
     await contract.test_two_stores_taking_turns(bouncer_url)
+
+
+def test_the_statement_cache_option_leaves_the_url() -> None:
+    url, size = pg_statement_cache_size("postgresql://u@h:6432/d?statement_cache_size=0")
+    assert (url, size) == ("postgresql+asyncpg://u@h:6432/d", 0)
+    assert pg_statement_cache_size("postgres://u@h/d") == ("postgresql+asyncpg://u@h/d", None)
+    assert pg_statement_cache_size("chat.db?x") == ("sqlite+aiosqlite:///chat.db?x", None)
+    with pytest.raises(ValueError):
+        pg_statement_cache_size("postgresql://u@h/d?statement_cache_size=off")
