@@ -11,13 +11,14 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 from storage.base import StorageUnavailable
 from storage.batch_io import SqliteIO
 from storage.migrate import upgrade_async
 from storage.sql import SqlStore
-from storage.urls import normalize_url
+from storage.urls import asyncpg_dsn, normalize_url
 from tests.storage.helpers import TS, all_events, assert_contiguous, send
 
 
@@ -147,3 +148,17 @@ async def test_sqlite_writer_cache_holds_only_committed_rows(
         assert [c.unread for c in await s.convs("hub", 10) if c.peer == "u0"] == [0]
     finally:
         await s.close()
+
+
+async def test_postgres_batches_commit_durably_whatever_the_default(pg_url: str) -> None:
+    """`sent` means durable: the batch's write function turns synchronous_commit on for its
+    own transaction, also where the database's default is off."""
+    conn = await asyncpg.connect(asyncpg_dsn(pg_url))
+    try:
+        await conn.execute("SET synchronous_commit = off")
+        async with conn.transaction():
+            await conn.execute("SELECT chatd_batch_write(" + ", ".join(["'{}'"] * 34) + ")")
+            assert await conn.fetchval("SHOW synchronous_commit") == "on"
+        assert await conn.fetchval("SHOW synchronous_commit") == "off"  # its own only
+    finally:
+        await conn.close()

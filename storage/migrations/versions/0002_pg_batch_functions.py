@@ -5,7 +5,8 @@ it locks the users rows (sorted), creates the missing ones, reads the (sender,
 cmid) already stored, locks the convs rows (sorted), creates the missing convs
 and members rows, and answers every row the plan needs (JSON) with the message
 ids for the new messages. `chatd_batch_write` runs step 6 in one round trip
-from parallel arrays (unnest). Python (storage/plan.py) still computes step 5.
+from parallel arrays (unnest), with synchronous_commit on for its transaction.
+Python (storage/plan.py) still computes step 5.
 
 Revision ID: 0002
 Revises: 0001
@@ -127,6 +128,9 @@ CREATE OR REPLACE FUNCTION chatd_batch_write(
     r_user text[], r_conv text[]
 ) RETURNS void LANGUAGE plpgsql AS $fn$
 BEGIN
+    -- `sent` means durable: this transaction's COMMIT waits for the WAL flush whatever
+    -- the server's, database's or role's default (no extra round trip; PgBouncer-safe).
+    PERFORM set_config('synchronous_commit', 'on', true);
     INSERT INTO messages (mid, conv, seq, sender, recipient, cmid, ts, type, body, is_text,
                           sender_cur, recipient_cur)
         SELECT * FROM unnest(m_mid, m_conv, m_seq, m_sender, m_recipient, m_cmid, m_ts,
