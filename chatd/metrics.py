@@ -42,6 +42,25 @@ class Metrics:
             ["code", "reason"],
             registry=r,
         )
+        self.shed = Counter(
+            "chatd_connections_shed",
+            "Connections closed before hello to make room in the connection budget, by "
+            "stage (upgrade: in the WebSocket handshake; hello: upgraded, no hello yet)",
+            ["stage"],
+            registry=r,
+        )
+        self.pending = Gauge(
+            "chatd_connections_pending", "Connections that have not said hello", registry=r
+        )
+        self.open_sockets = Gauge(
+            "chatd_connections_open", "TCP connections held (budgeted), any stage", registry=r
+        )
+        self.budget = Gauge(
+            "chatd_connection_budget",
+            "Connections held at most, by kind (all; pending: before hello)",
+            ["kind"],
+            registry=r,
+        )
         self.gap_fills = Counter(
             "chatd_gap_fills", "Events read back from storage to fill a cursor gap", registry=r
         )
