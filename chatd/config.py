@@ -62,6 +62,12 @@ class Config:
     """Required `iss` of every token (unset: not checked)."""
     jwt_audience: str = ""
     """Required `aud` of every token (unset: a token with an `aud` is refused)."""
+    max_connections: int = 0
+    """Connections this node holds at most (0: from its open-file limit, see admission)."""
+    pending_share: float = 0.25
+    """Share of max_connections for connections that have not said `hello` yet."""
+    open_timeout: float = 5.0
+    """Seconds a new TCP connection has to complete the WebSocket upgrade."""
     group_commit: bool = True
     max_batch: int = 256
     commit_window_ms: float = 5.0
@@ -145,6 +151,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("jwt_max_ttl", float, "longest token lifetime in seconds (exp - iat)"),
     Option("jwt_issuer", str, "required iss claim (unset: not checked)"),
     Option("jwt_audience", str, "required aud claim (unset: tokens with an aud are refused)"),
+    Option("max_connections", int, "connections held at most (0: from the open-file limit)"),
+    Option("pending_share", float, "share of max_connections for those before hello"),
+    Option("open_timeout", float, "seconds to complete the WebSocket upgrade"),
     Option("group_commit", _bool, "batch concurrent writes into one transaction"),
     Option("max_batch", int, "most writes in one group commit"),
     Option("commit_window_ms", float, "ms between the starts of two group commits at least"),
@@ -214,6 +223,7 @@ def _check(cfg: Config) -> None:
             if getattr(sub, f.name) <= 0:
                 raise ConfigError(f"limit {f.name} must be positive")
     _check_tokens(cfg)
+    _check_budget(cfg)
     if cfg.outbox_limit < 1 or cfg.outbox_bytes < 1:
         raise ConfigError("outbox_limit and outbox_bytes must be positive")
     if cfg.gc_young < 0:
@@ -234,3 +244,12 @@ def _check_tokens(cfg: Config) -> None:
             "jwt_public_key and a JWT secret exclude each other: a node verifies with "
             "either the account service's public keys or a shared secret"
         )
+
+
+def _check_budget(cfg: Config) -> None:
+    if cfg.max_connections < 0:
+        raise ConfigError("max_connections must be 0 (from the open-file limit) or more")
+    if not 0.0 < cfg.pending_share <= 1.0:
+        raise ConfigError("pending_share must be above 0 and at most 1")
+    if not 0.0 < cfg.open_timeout <= 60.0:
+        raise ConfigError("open_timeout must be above 0 and at most 60 seconds")

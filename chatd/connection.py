@@ -10,7 +10,11 @@ these on every upgrade):
 - `send_data()`, `send_context()` and `paused` (write flow control): the writer puts
   frames straight into the protocol's buffer and writes them itself (`queue`, `write`);
 - `request` / `response` after the handshake: the headers are dropped to save memory
-  (`forget_handshake`).
+  (`forget_handshake`);
+- `connection_made()` / `connection_lost()` (asyncio's protocol callbacks, extended):
+  every socket is counted in the node's connection budget from its accept to its close,
+  and `shed()` closes one that has not said `hello` when the budget runs short
+  (`chatd.admission`).
 
 websockets' asyncio API queues every incoming message for `recv()`, which a
 reader task awaits: a queue, a future and a task wake-up per frame. chatd
@@ -36,7 +40,9 @@ from websockets.frames import CloseCode, Frame, Opcode
 from websockets.protocol import State
 from websockets.typing import BytesLike
 
-__all__ = ["MAX_FRAGMENTS", "ChatConnection", "Sink"]
+from .admission import Admission
+
+__all__ = ["MAX_FRAGMENTS", "ChatConnection", "Sink", "connection_class"]
 
 log = logging.getLogger("chatd.connection")
 
@@ -58,13 +64,45 @@ class ChatConnection(ServerConnection):
     """The fragments so far of a fragmented message."""
     _text = False
     _flush_soon = False
+    """`_flush` is scheduled: queued frames wait in the protocol's buffer until it runs."""
     conn_id = 0
     """The server's number for this connection, for its log lines (set at accept)."""
-    """`_flush` is scheduled: queued frames wait in the protocol's buffer until it runs."""
+    admission: Admission | None = None
+    """The node's connection budget (set on the class that `connection_class` makes)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._sink: Sink | None = None
+
+    # ------------------------------------------------------------------ budget
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self.admission is not None:
+            self.admission.opened(self)  # may shed this very connection (a full budget)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self.admission is not None:
+            self.admission.closed(self)
+
+    def authenticated(self) -> None:
+        """Its `hello` succeeded: it is never shed from now on."""
+        if self.admission is not None:
+            self.admission.authenticated(self)
+
+    def shed(self) -> str:
+        """Close at once to make room (`Sheddable`). An upgraded connection is told
+        1013 first, in one write without waiting; the socket's file is released now."""
+        if self.protocol.state is not State.OPEN:
+            self.transport.abort()
+            return "upgrade"
+        self.protocol.fail(CloseCode.TRY_AGAIN_LATER, "server busy")
+        data = b"".join(self.protocol.data_to_send())
+        if data and not self.transport.is_closing():
+            self.transport.write(data)
+        self.transport.abort()
+        return "hello"
 
     # ------------------------------------------------------------------ writing
 
@@ -188,3 +226,14 @@ class ChatConnection(ServerConnection):
             self._early = [msg]
         else:
             self._early.append(msg)
+
+
+def connection_class(admission: Admission) -> type[ChatConnection]:
+    """ChatConnection counted in `admission` (a class per server: websockets builds the
+    connections itself, from a class)."""
+
+    class AdmittedConnection(ChatConnection):
+        pass
+
+    AdmittedConnection.admission = admission
+    return AdmittedConnection

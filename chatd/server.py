@@ -18,10 +18,11 @@ from websockets.typing import Subprotocol
 from protocol import SUBPROTOCOL
 from storage.base import StorageError, Store
 
+from .admission import Admission, budget_for
 from .auth import Authenticator, TokenPolicy, load_or_create_secret, load_public_keys
 from .broker import Broker
 from .config import Config
-from .connection import ChatConnection
+from .connection import ChatConnection, connection_class
 from .context import Context
 from .errors import ConfigError
 from .hub import Hub
@@ -78,6 +79,7 @@ class Server:
         self.broker = broker if broker is not None else build_broker(config)
         self.hub = Hub(self.broker, config.policy)
         self.metrics.watch_store(self.store)
+        self.admission = _admission(config, self.metrics)
         self.ctx = Context(
             config, self.store, self.broker, self.hub, authenticator_for(config), self.metrics
         )
@@ -116,9 +118,17 @@ class Server:
             ping_timeout=cfg.ping_timeout,
             close_timeout=5,
             server_header="chatd",
-            create_connection=ChatConnection,
+            open_timeout=cfg.open_timeout,
+            create_connection=connection_class(self.admission),
         )
         log.info("listening on ws://%s:%d/ws (broker %s)", cfg.host, self.port, cfg.broker)
+        budget = self.admission.budget
+        log.info(
+            "connection budget: %d connections (%s), %d of them before hello",
+            budget.limit,
+            f"open-file limit {budget.nofile}" if budget.nofile else "--max-connections",
+            budget.pending,
+        )
 
     @property
     def port(self) -> int:
@@ -183,6 +193,19 @@ class Server:
             resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
             return resp
         return ws.respond(HTTPStatus.NOT_FOUND, "not found: connect to /ws\n")
+
+
+def _admission(config: Config, metrics: Metrics) -> Admission:
+    """The connection budget, its numbers exported at scrape time."""
+    adm = Admission(
+        budget_for(config.max_connections, config.pending_share),
+        on_shed=lambda stage: metrics.shed.labels(stage).inc(),
+    )
+    metrics.budget.labels("all").set(adm.budget.limit)
+    metrics.budget.labels("pending").set(adm.budget.pending)
+    metrics.open_sockets.set_function(lambda: adm.open)
+    metrics.pending.set_function(lambda: adm.pending)
+    return adm
 
 
 def _select_subprotocol(ws: ServerConnection, offered: Sequence[Subprotocol]) -> Subprotocol | None:

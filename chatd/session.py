@@ -251,6 +251,7 @@ class Session:
 
     async def _serve(self, hello: Hello) -> None:
         """Attach to the hub, say `welcome`, start the writer (catch-up, then live)."""
+        self.ws.authenticated()  # the token is good: never shed to make room from now on
         ctx = self.ctx
         try:
             state = await ctx.hub.attach(self)

@@ -13,6 +13,7 @@ from pathlib import Path
 import jwt
 import pytest
 
+from chatd.admission import Budget, budget_for
 from chatd.auth import Authenticator, load_or_create_secret
 from chatd.broker import Broker, LiveEvent
 from chatd.broker_memory import LocalBroker
@@ -143,11 +144,24 @@ def test_config_flag_beats_env_beats_default() -> None:
         {"CHATD_JWT_MAX_TTL": "10"},
         {"CHATD_JWT_MAX_TTL": "1e9"},
         {"CHATD_JWT_PUBLIC_KEY": "pub.pem", "CHATD_JWT_SECRET": "s" * 32},
+        {"CHATD_MAX_CONNECTIONS": "-1"},
+        {"CHATD_PENDING_SHARE": "0"},
+        {"CHATD_PENDING_SHARE": "1.5"},
+        {"CHATD_OPEN_TIMEOUT": "0"},
     ],
 )
 def test_config_refuses_bad_values(env: dict[str, str]) -> None:
     with pytest.raises(ConfigError):
         config_from_args(_parse([]), env)
+
+
+def test_connection_budget_comes_from_the_open_file_limit_unless_set() -> None:
+    assert budget_for(0, 0.25, nofile=1024) == Budget(896, 224, 1024)
+    assert budget_for(0, 0.25, nofile=20_000) == Budget(17_500, 4_375, 20_000)
+    assert budget_for(60, 0.25) == Budget(60, 15, 0)
+    assert budget_for(3, 0.1) == Budget(3, 1, 0)  # at least one may say hello
+    cfg = config_from_args(_parse(["--max-connections", "60"]), {"CHATD_PENDING_SHARE": "0.5"})
+    assert (cfg.max_connections, cfg.pending_share, cfg.open_timeout) == (60, 0.5, 5.0)
 
 
 def test_secret_file_sits_beside_the_sqlite_file(tmp_path: Path) -> None:
