@@ -201,6 +201,8 @@ def _admission(config: Config, metrics: Metrics) -> Admission:
         budget_for(config.max_connections, config.pending_share),
         on_shed=lambda stage: metrics.shed.labels(stage).inc(),
     )
+    for stage in ("upgrade", "hello"):
+        metrics.shed.labels(stage)  # exported at 0 from the start
     metrics.budget.labels("all").set(adm.budget.limit)
     metrics.budget.labels("pending").set(adm.budget.pending)
     metrics.open_sockets.set_function(lambda: adm.open)
