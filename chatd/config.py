@@ -40,6 +40,18 @@ class Policy:
     max_frame_rate: int = 1000
     """WebSocket messages per second one connection may send (averaged over runs of
     this many); faster: close 1008. Far above what any client needs (sends are 20/s)."""
+    waste_rate: float = 10.0
+    """Writes per second per user that store nothing and cost nothing: resent messages
+    (duplicates) and marks on a conversation that is not the user's. Past the burst a
+    duplicate costs a send token, and a mark is refused `rate_limited` before the writer."""
+    waste_burst: int = 100
+    """The burst of those (an honest client's retries after a reconnect fit in it)."""
+    reads_per_user: int = 2
+    """Reads (history, convs, duplicate lookups) of one user in flight at once on a node:
+    one user cannot hold more than this share of the read pool."""
+    replay_rate: int = 4 * 1024 * 1024
+    """Bytes per second of stored events one user's catch-ups write (burst: 4 s of it):
+    many `since=0` reconnects cost the attacker bandwidth, not everyone's latency."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +187,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("policy.hello_timeout", float, "seconds to send hello"),
     Option("policy.max_bad_frames", int, "bad frames in a row before close 1008"),
     Option("policy.max_frame_rate", int, "messages per second per connection (more: 1008)"),
+    Option("policy.waste_rate", float, "duplicates and refused marks per second per user, free"),
+    Option("policy.waste_burst", int, "burst of free duplicates and refused marks per user"),
+    Option("policy.reads_per_user", int, "history/convs reads in flight per user at once"),
+    Option("policy.replay_rate", int, "catch-up bytes per second per user (burst: 4 s)"),
     Option("limits.history_bytes", int, "message bytes in one history reply at most"),
 )
 

@@ -152,6 +152,7 @@ class Requests:
 
     __slots__ = (
         "_capped",
+        "_foreign",
         "_in_flight",
         "_marked",
         "conn_id",
@@ -178,12 +179,24 @@ class Requests:
         """(conv, kind) -> the highest `upto` of a mark that changed nothing because no
         message to this user lies above the watermark (it was capped): the same holds
         for marks up to it until a stream event reaches this connection (dropped then)."""
+        self._foreign: set[int | str] | None = None
+        """Conversations a mark of this connection was refused on (not the user's)."""
         self._in_flight = _InFlight(host)
 
     def stream_event(self) -> None:
         """A stored event reached this connection: perhaps a message to this user, so
-        a capped mark may change something now."""
+        a capped mark may change something now, and a conversation may exist now."""
         self._capped = None
+        self._foreign = None
+
+    def _remember_foreign(self, conv: int | str) -> None:
+        """A mark on `conv` was refused (not the user's, or no message yet): later marks
+        on it are refused without a write until a stream event arrives. Costs the
+        user's budget of refused marks."""
+        self.state.waste.take(time.monotonic())
+        if self._foreign is None or len(self._foreign) >= _MARKS_KEPT:
+            self._foreign = set()
+        self._foreign.add(conv)
 
     async def settle(self) -> None:
         """Until the writes in flight have finished (they are durable either way; their
@@ -269,9 +282,16 @@ class Requests:
         if prior is None:
             raise refused
         if took:
-            self.state.sends.refund()
+            self._refund_duplicate()
         self.ctx.metrics.duplicates.inc()
         self.out.reply(_sent(f.id, prior.message, prior.sender_cur, dup=True))
+
+    def _refund_duplicate(self) -> None:
+        """A duplicate stores nothing: it costs no send token while the user's budget of
+        free duplicates lasts (an honest client's retries); past it, a loop of them
+        costs like sends and is throttled like them."""
+        if self.state.waste.take(time.monotonic()) == 0.0:
+            self.state.sends.refund()
 
     def _send_done(
         self,
@@ -293,7 +313,7 @@ class Requests:
             ctx.metrics.commit_seconds.observe(time.perf_counter() - started)
             m = out.message
             if out.dup:
-                self.state.sends.refund()  # a duplicate stores nothing: it costs no rate
+                self._refund_duplicate()
                 ctx.metrics.duplicates.inc()
                 if pend is not None:
                     self.out.own_done(f.cmid, pend, None)
@@ -328,8 +348,12 @@ class Requests:
             self.fail(f.id, exc)
 
     def _start_mark(self, f: Mark) -> None:
-        if type(f.conv) is not str:
+        if type(f.conv) is not str or (self._foreign is not None and f.conv in self._foreign):
             raise FrameError(ErrorCode.BAD_REQUEST, "not a conversation of yours")
+        wait = self.state.waste.wait(time.monotonic())
+        if wait > 0.0:  # marks on conversations not the user's used up the budget
+            retry = max(1, math.ceil(wait * 1000))
+            raise FrameError(ErrorCode.RATE_LIMITED, "too many refused marks", retry_ms=retry)
         key = (f.conv, f.kind)
         marked = self._marked
         capped = self._capped
@@ -351,6 +375,7 @@ class Requests:
         try:
             exc = _failure(fut)
             if isinstance(exc, NotAMember):
+                self._remember_foreign(f.conv)
                 exc = FrameError(ErrorCode.BAD_REQUEST, "not a conversation of yours")
             elif isinstance(exc, UptoTooHigh):
                 exc = FrameError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
@@ -37,6 +38,12 @@ class UserState:
 
     sends: TokenBucket
     typing: TokenBucket
+    waste: TokenBucket
+    """Duplicates and refused marks: free within it (see `Policy.waste_rate`)."""
+    replay: TokenBucket
+    """Bytes of catch-up (see `Policy.replay_rate`)."""
+    reads: asyncio.Semaphore
+    """Reads in flight (see `Policy.reads_per_user`)."""
     sessions: set[Listener] = field(default_factory=set)
 
 
@@ -72,6 +79,9 @@ class Hub:
             state = UserState(
                 sends=TokenBucket(lim.send_rate, lim.send_burst, now),
                 typing=TokenBucket(lim.typing_rate, lim.typing_rate, now),
+                waste=TokenBucket(lim.waste_rate, lim.waste_burst, now),
+                replay=TokenBucket(lim.replay_rate, 4 * lim.replay_rate, now),
+                reads=asyncio.Semaphore(lim.reads_per_user),
             )
             self._users[user] = state
         return state

@@ -29,6 +29,7 @@ from storage.base import Event, StorageError, Store
 
 from .connection import ChatConnection
 from .metrics import Metrics
+from .ratelimit import TokenBucket
 from .sequencer import PLAIN, Item, Sequencer, StreamGap
 from .wire import encode_event
 
@@ -38,6 +39,8 @@ __all__ = ["Outbox", "writer_close"]
 
 _PAGE = 500
 """Stored events read per query (catch-up and fills)."""
+_sleep = asyncio.sleep
+"""How catch-up waits for its budget (a test watches it)."""
 _OWN_WAIT = 30.0
 """Seconds a fill waits for this connection's own `sent` reply."""
 
@@ -55,6 +58,7 @@ class Outbox:
         "limit_bytes",
         "limit_frames",
         "metrics",
+        "replay",
         "seq",
         "store",
         "user",
@@ -82,6 +86,8 @@ class Outbox:
         self._on_overflow = on_overflow
         """Called once when a slow reader's queue passes its limit (it is emptied)."""
         self.user = ""
+        self.replay: TokenBucket | None = None
+        """The user's budget of catch-up bytes (shared by their connections)."""
         self.seq = Sequencer()
         self.closed = False
         """Nothing more is queued: the connection is being closed."""
@@ -240,11 +246,20 @@ class Outbox:
             else:
                 page = await store.events(self.user, after, welcome_cur, _PAGE)
             if page:
-                await self.ws.write([encode_event(ev) for ev in page])
+                frames = [encode_event(ev) for ev in page]
+                await self.ws.write(frames)
+                await self._pace(sum(map(len, frames)))
             if len(page) < _PAGE:
                 break
             after = page[-1].cur
         await self.ws.write([encode_map(synced_map(welcome_cur))])
+
+    async def _pace(self, size: int) -> None:
+        """Wait as long as the user's catch-up budget says after writing `size` bytes."""
+        if self.replay is not None:
+            wait = self.replay.spend(size, time.monotonic())
+            if wait > 0.0:
+                await _sleep(wait)
 
     async def _write_items(self, items: list[Item]) -> None:
         seq = self.seq

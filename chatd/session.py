@@ -272,6 +272,7 @@ class Session:
         who = (self.conn_id, self.user, self.device, hello.since, cur)
         log.info("conn %d: hello user %r device %r since %s cur %d", *who)
         self.out.user = self.user
+        self.out.replay = state.replay
         writer = self.out.writer = asyncio.create_task(self.out.run(hello.since, cur))
         writer.add_done_callback(self._writer_done)
 
@@ -377,7 +378,10 @@ class Session:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(_READ_WAIT):
                     await self.out.written()
-            await coro
+            req = self.req
+            assert req is not None
+            async with req.state.reads:  # the user's share of the read pool
+                await coro
         finally:
             self.inbox.release(HOLD_READ)
 

@@ -312,3 +312,13 @@ def test_default_policy_matches_the_contract() -> None:
     assert pol.max_connections_per_user == 10
     assert pol.hello_timeout == 10.0
     assert pol.max_bad_frames == 10
+
+
+def test_a_bucket_paces_work_by_its_size() -> None:
+    bucket = TokenBucket(rate=100.0, burst=400.0, now=0.0)
+    assert bucket.wait(0.0) == 0.0
+    assert bucket.spend(300.0, 0.0) == 0.0  # within the burst: no wait
+    assert bucket.spend(300.0, 0.0) == pytest.approx(2.0)  # 200 in debt at 100/s
+    assert bucket.wait(1.0) > 0.0  # still 100 in debt after 1 s
+    assert bucket.wait(3.01) == 0.0  # paid back, and a token more
+    assert bucket.take(3.01) == 0.0
