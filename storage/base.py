@@ -228,6 +228,10 @@ class Store(Protocol):
     async def last_cur(self, user: str) -> int:
         """The newest `cur` of the user's stream (0 for a user with no events)."""
 
+    async def last_curs(self, users: Sequence[str]) -> dict[str, int]:
+        """`last_cur` of many users in one query (a node's periodic position check):
+        users with no events are left out."""
+
     async def events(self, user: str, after: int, upto: int, limit: int) -> list[Event]:
         """Events of `user` with after < cur <= upto, in cur order, at most `limit`."""
 

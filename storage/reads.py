@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, Literal, cast
 
 from sqlalchemy import ColumnElement, Select, and_, literal_column, select
@@ -78,6 +78,13 @@ class SqlReads:
         async with self._connect() as conn:
             value = await conn.scalar(select(users.c.last_cur).where(users.c.user_id == user))
         return 0 if value is None else int(value)
+
+    async def last_curs(self, users_: Sequence[str]) -> dict[str, int]:
+        if not users_:
+            return {}
+        q = select(users.c.user_id, users.c.last_cur).where(users.c.user_id.in_(users_))
+        async with self._connect() as conn:
+            return {r.user_id: int(r.last_cur) for r in await conn.execute(q)}
 
     async def events(self, user: str, after: int, upto: int, limit: int) -> list[Event]:
         if limit <= 0 or upto <= after:

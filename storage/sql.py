@@ -316,6 +316,10 @@ class SqlStore:
         """The newest `cur` of the user's stream (0 for a user with no events)."""
         return await self._reads.last_cur(user)
 
+    async def last_curs(self, users: Sequence[str]) -> dict[str, int]:
+        """`last_cur` of many users in one query (users with no events left out)."""
+        return await self._reads.last_curs(users)
+
     async def events(self, user: str, after: int, upto: int, limit: int) -> list[Event]:
         """Events of `user` with after < cur <= upto, in cur order, at most `limit`."""
         return await self._reads.events(user, after, upto, limit)

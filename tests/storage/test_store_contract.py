@@ -535,3 +535,14 @@ def test_url_normalisation() -> None:
         normalize_url("mysql://u@h/d")
     with pytest.raises(ValueError):
         normalize_url("sqlite://")
+
+
+async def test_last_curs_of_many_users_in_one_query(store: Store) -> None:
+    await send(store, "alice", "bob", "m1")
+    await send(store, "alice", "carol", "m2")
+    assert await store.last_curs(["alice", "bob", "carol", "nobody"]) == {
+        "alice": 2,
+        "bob": 1,
+        "carol": 1,
+    }
+    assert await store.last_curs([]) == {}
