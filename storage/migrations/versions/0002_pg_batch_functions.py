@@ -107,7 +107,10 @@ BEGIN
                     FROM convs WHERE conv = ANY(v_convs)),
         'members', (SELECT json_agg(json_build_array(mb.user_id, mb.conv, mb.peer,
                         mb.delivered, mb.read, mb.last_recv_seq, mb.unread))
-                      FROM members mb WHERE mb.conv = ANY(v_convs)),
+                      FROM convs c
+                     CROSS JOIN LATERAL (VALUES (c.user_a), (c.user_b)) AS p(u)
+                      JOIN members mb ON mb.user_id = p.u AND mb.conv = c.conv  -- its key
+                     WHERE c.conv = ANY(v_convs)),
         'mids', (SELECT json_agg(nextval(pg_get_serial_sequence('messages', 'mid')))
                    FROM generate_series(1, n_new)));
 END
