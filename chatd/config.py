@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from protocol import Limits
 from storage.urls import normalize_url, sqlite_path
@@ -60,6 +62,18 @@ class Config:
     port: int = 8765
     db: str = "sqlite:///chatd.db"
     broker: str = "memory"
+    """'memory' (one node) or a Redis URL, redis://HOST:PORT/DB (many nodes)."""
+    broker_prefix: str = "chatd:"
+    """Prefix of this fleet's Redis channels (several fleets may share one Redis)."""
+    node_id: str = ""
+    """This node's name in logs, metrics and the broker's envelopes (unset: host:pid)."""
+    reorder_window_ms: float = 50.0
+    """With the Redis broker: how long an event above a gap waits for the missing ones
+    (two nodes may deliver out of order) before they are read from storage. (The
+    in-process broker delivers in commit order: no window.)"""
+    position_interval: float = 5.0
+    """With the Redis broker: seconds between two checks of every local user's stream
+    position against storage (finds a lost last event; one query per 500 users)."""
     jwt_secret: str = ""
     jwt_secret_file: str = ""
     jwt_algorithms: tuple[str, ...] = ()
@@ -97,6 +111,26 @@ class Config:
     log_level: str = "INFO"
     limits: Limits = field(default_factory=Limits)
     policy: Policy = field(default_factory=Policy)
+
+    @property
+    def reorder_window(self) -> float:
+        """Seconds an event above a gap waits (0 with the in-process broker)."""
+        return 0.0 if self.broker == "memory" else self.reorder_window_ms / 1000.0
+
+    @property
+    def broker_shown(self) -> str:
+        """`broker` as logs may show it: without a password."""
+        parts = urlsplit(self.broker)
+        if parts.password is None:
+            return self.broker
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+        return urlunsplit(parts._replace(netloc=f"***@{host}{port}"))
+
+    @property
+    def node(self) -> str:
+        """This node's name: `node_id`, else host:pid."""
+        return self.node_id or f"{socket.gethostname()}:{os.getpid()}"
 
     @property
     def db_url(self) -> str:
@@ -154,7 +188,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("host", str, "interface to listen on"),
     Option("port", int, "TCP port (0: any free port)"),
     Option("db", str, "database URL: sqlite:///FILE or postgresql://USER@HOST/DB"),
-    Option("broker", str, "'memory': the in-process broker of a single node"),
+    Option("broker", str, "'memory' (one node) or redis://HOST:PORT/DB (many nodes)"),
+    Option("broker_prefix", str, "prefix of this fleet's Redis channels"),
+    Option("node_id", str, "this node's name in logs, metrics and envelopes (default host:pid)"),
+    Option("reorder_window_ms", float, "ms an event above a gap waits before a fill (Redis)"),
+    Option("position_interval", float, "seconds between position checks of every user (Redis)"),
     Option("jwt_secret", str, "HS256 secret (unset: a generated file beside the database)"),
     Option("jwt_secret_file", str, "file holding the JWT secret (created if missing)"),
     Option("jwt_algorithms", _algs, "accepted JWT algorithms, comma separated"),
@@ -229,9 +267,7 @@ def config_from_args(ns: argparse.Namespace, env: Mapping[str, str] | None = Non
 
 
 def _check(cfg: Config) -> None:
-    if cfg.broker != "memory":
-        # The Redis broker (many nodes) is a later issue; say so rather than half-work.
-        raise ConfigError(f"unknown broker {cfg.broker!r}: this version has 'memory' only")
+    _check_broker(cfg)
     if not 0 <= cfg.port <= 65535:
         raise ConfigError(f"port {cfg.port} out of range")
     for sub in (cfg.limits, cfg.policy):
@@ -248,6 +284,22 @@ def _check(cfg: Config) -> None:
         raise ConfigError("commit_window_ms must be between 0 and 100")
     if cfg.limits.max_body >= cfg.limits.max_frame:
         raise ConfigError("max_body must be below max_frame")
+
+
+def _check_broker(cfg: Config) -> None:
+    if cfg.broker == "memory":
+        return
+    if not cfg.broker.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"unknown broker {cfg.broker!r}: 'memory' or a redis:// URL")
+    if sqlite_path(cfg.db_url) is not None:
+        raise ConfigError(
+            "the Redis broker joins several nodes, and a SQLite file belongs to one node: "
+            "use --db postgresql://... with --broker redis://..."
+        )
+    if not 0.0 <= cfg.reorder_window_ms <= 5000.0:
+        raise ConfigError("reorder_window_ms must be between 0 and 5000")
+    if cfg.position_interval <= 0.0:
+        raise ConfigError("position_interval must be positive")
 
 
 def _check_tokens(cfg: Config) -> None:

@@ -8,6 +8,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from storage.base import Store
+
 from .broker import Broker, LiveEvent
 from .config import Policy
 from .errors import ChatdError
@@ -26,6 +28,9 @@ class Listener(Protocol):
 
     def push_live(self, event: LiveEvent) -> None:
         """Take a live event of the user's stream (written in `cur` order)."""
+
+    def check_position(self, stored: int) -> None:
+        """Storage holds the user's stream up to `stored`: catch up if behind."""
 
 
 class TooManyConnections(ChatdError):
@@ -87,14 +92,20 @@ class Hub:
         return state
 
     async def attach(self, session: Listener) -> UserState:
-        """Register a session; raises TooManyConnections over the per-user limit."""
+        """Register a session; it returns once the broker carries the user's events here.
+        Raises TooManyConnections over the per-user limit, BrokerUnavailable when the
+        broker cannot subscribe (the session is not attached then)."""
         state = self.user_state(session.user)
         if len(state.sessions) >= self._policy.max_connections_per_user:
             raise TooManyConnections(session.user)
-        first = not state.sessions
         state.sessions.add(session)
-        if first:
+        try:
+            # Every attach waits for the subscription (idempotent): a second device that
+            # attaches while the first one's SUBSCRIBE is on its way returns after it too.
             await self._broker.subscribe(session.user)
+        except BaseException:
+            await self.detach(session)
+            raise
         return state
 
     async def detach(self, session: Listener) -> None:
@@ -117,6 +128,21 @@ class Hub:
             if since > horizon:
                 break
             del self._resting[user]
+
+    async def check_positions(self, store: Store, batch: int = 500) -> int:
+        """Tell every local session where its user's stream ends in storage (one query
+        per `batch` users): a session that has not written that far reads the rest
+        back, unless the live feed brings it first. Finds events a broker lost, the last
+        one included. Returns the number of users checked."""
+        users = list(self._users)
+        for i in range(0, len(users), batch):
+            curs = await store.last_curs(users[i : i + batch])
+            for user, cur in curs.items():
+                state = self._users.get(user)
+                if state is not None:
+                    for session in tuple(state.sessions):
+                        session.check_position(cur)
+        return len(users)
 
     def session_count(self) -> int:
         return sum(len(s.sessions) for s in self._users.values())

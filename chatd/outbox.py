@@ -30,7 +30,7 @@ from storage.base import Event, StorageError, Store
 from .connection import ChatConnection
 from .metrics import Metrics
 from .ratelimit import TokenBucket
-from .sequencer import PLAIN, Item, Sequencer, StreamGap
+from .sequencer import PLAIN, POSITION, Item, Sequencer, StreamGap
 from .wire import encode_event
 
 log = logging.getLogger("chatd.outbox")
@@ -76,6 +76,7 @@ class Outbox:
         limit_frames: int,
         limit_bytes: int,
         on_overflow: Callable[[], None],
+        window: float = 0.0,
     ) -> None:
         self.ws = ws
         self.store = store
@@ -88,7 +89,7 @@ class Outbox:
         self.user = ""
         self.replay: TokenBucket | None = None
         """The user's budget of catch-up bytes (shared by their connections)."""
-        self.seq = Sequencer()
+        self.seq = Sequencer(window=window)
         self.closed = False
         """Nothing more is queued: the connection is being closed."""
         self.writer: asyncio.Task[None] | None = None
@@ -148,6 +149,11 @@ class Outbox:
             self._bytes = 0
             self.closed = True
             self._on_overflow()
+
+    def check(self, stored: int) -> None:
+        """Storage holds this user's events up to `stored`: any not written yet are read
+        back if the live feed does not bring them within the reorder window."""
+        self.push((POSITION, stored + 1, b"", None, ""))
 
     def expect_own(self, cmid: str) -> asyncio.Future[bytes | None] | None:
         """A future for the `sent` reply of this connection's own message `cmid` (None

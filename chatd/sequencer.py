@@ -22,6 +22,11 @@ The rules:
   reorder `window`, `gap()` names the range to read from storage, and `fill()` writes
   those events and releases what they unblock. With a window of 0 (one node: the local
   broker delivers in commit order) a gap is due at once.
+- A *position* (`POSITION`, from a periodic check or a broker's resync: storage holds
+  the user's events up to `cur - 1`) is held like an event at `cur`: if the live feed
+  does not reach it within the window, `gap()` names the missing range. It writes
+  nothing itself. This is how a lost *last* event, which no later event would reveal,
+  is found.
 - A fill that meets this connection's own message still waiting for its reply is
   handed the `sent` frame by the caller (`own=True`): it is written in the message's
   place, and the `OWN_SENT` item that arrives later writes nothing.
@@ -40,13 +45,14 @@ __all__ = [
     "OWN_MARK",
     "OWN_SENT",
     "PLAIN",
+    "POSITION",
     "Gap",
     "Item",
     "Sequencer",
     "StreamGap",
 ]
 
-PLAIN, LIVE, OWN_SENT, OWN_MARK = range(4)
+PLAIN, LIVE, OWN_SENT, OWN_MARK, POSITION = range(5)
 """Item kinds (see the module docstring)."""
 
 Item = tuple[int, int, bytes, bytes | None, str]
@@ -113,7 +119,7 @@ class Sequencer:
         """The stored events to read now, or None: some are missing below a held item
         that has waited the reorder window."""
         held = self._held
-        if not held or now - self._gap_since < self.window:
+        if not held or now < self._gap_since + self.window:
             return None
         return Gap(self.last, held[0][0] - 1)
 
@@ -152,6 +158,8 @@ class Sequencer:
     def _emit(self, item: Item) -> list[bytes]:
         """Frames of an item at or below `last + 1`."""
         kind, cur, data, after, cmid = item
+        if kind == POSITION:
+            return []  # the events below it are written: nothing is missing
         if kind == OWN_SENT and cmid:
             if self.settled is None:
                 self.settled = []

@@ -20,13 +20,14 @@ from storage.base import StorageError, Store
 
 from .admission import Admission, budget_for
 from .auth import Authenticator, TokenPolicy, load_or_create_secret, load_public_keys
-from .broker import Broker
+from .broker import Broker, BrokerUnavailable
 from .config import Config
 from .connection import ChatConnection, connection_class
 from .context import Context
 from .errors import ConfigError
 from .hub import Hub
 from .metrics import Metrics
+from .positions import Positions
 from .session import Session
 
 log = logging.getLogger("chatd.server")
@@ -66,7 +67,11 @@ def build_broker(config: Config) -> Broker:
         from .broker_memory import LocalBroker
 
         return LocalBroker()
-    raise ConfigError(f"unknown broker {config.broker!r}: this version has 'memory' only")
+    if config.broker.startswith(("redis://", "rediss://", "unix://")):
+        from .broker_redis import RedisBroker
+
+        return RedisBroker(config.broker, prefix=config.broker_prefix, node_id=config.node)
+    raise ConfigError(f"unknown broker {config.broker!r}: 'memory' or a redis:// URL")
 
 
 class Server:
@@ -78,6 +83,10 @@ class Server:
         self.store = store if store is not None else build_store(config)
         self.broker = broker if broker is not None else build_broker(config)
         self.hub = Hub(self.broker, config.policy)
+        local = config.broker == "memory" and broker is None
+        self.positions = Positions(
+            self.hub, self.store, None if local else config.position_interval
+        )
         self.metrics.watch_store(self.store)
         self.admission = _admission(config, self.metrics)
         self.ctx = Context(
@@ -104,7 +113,8 @@ class Server:
                     newer,
                 )
         await self.store.open()
-        await self.broker.start(self.hub.deliver)
+        await self.broker.start(self.hub.deliver, self.positions.resync)
+        self.positions.start()
         self._ws = await serve(
             self._handle,
             cfg.host,
@@ -121,7 +131,8 @@ class Server:
             open_timeout=cfg.open_timeout,
             create_connection=connection_class(self.admission),
         )
-        log.info("listening on ws://%s:%d/ws (broker %s)", cfg.host, self.port, cfg.broker)
+        where = (cfg.host, self.port, cfg.broker_shown, cfg.node)
+        log.info("listening on ws://%s:%d/ws (broker %s, node %s)", *where)
         budget = self.admission.budget
         log.info(
             "connection budget: %d connections (%s), %d of them before hello",
@@ -151,6 +162,7 @@ class Server:
             except TimeoutError:
                 log.warning("connections did not close in time")
             self._ws = None
+        await self.positions.close()
         await self.broker.close()
         await self.store.close()
         self._stopped.set()
@@ -187,6 +199,10 @@ class Server:
                 await self.store.ping()
             except StorageError:
                 return ws.respond(HTTPStatus.SERVICE_UNAVAILABLE, "storage unavailable\n")
+            try:
+                await self.broker.ping()
+            except BrokerUnavailable:
+                return ws.respond(HTTPStatus.SERVICE_UNAVAILABLE, "broker unavailable\n")
             return ws.respond(HTTPStatus.OK, "ready\n")
         if path == "/metrics":
             resp = ws.respond(HTTPStatus.OK, generate_latest(self.metrics.registry).decode())

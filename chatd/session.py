@@ -53,7 +53,7 @@ from protocol import (
 )
 from storage.base import StorageError
 
-from .broker import LiveEvent
+from .broker import BrokerUnavailable, LiveEvent
 from .connection import ChatConnection
 from .context import Context
 from .errors import AuthError, ChatdError
@@ -126,6 +126,7 @@ class Session:
             limit_frames=ctx.config.outbox_limit,
             limit_bytes=ctx.config.outbox_bytes,
             on_overflow=self._slow_reader,
+            window=ctx.config.reorder_window,
         )
         self.req: Requests | None = None
         """The request handlers, from `welcome` on."""
@@ -255,6 +256,10 @@ class Session:
         ctx = self.ctx
         try:
             state = await ctx.hub.attach(self)
+        except BrokerUnavailable:
+            log.warning("conn %d: broker unavailable at hello", self.conn_id)
+            why = (CloseCode.TRY_AGAIN_LATER, "broker unavailable")
+            await self._refuse(ErrorCode.UNAVAILABLE, "broker unavailable", hello.id, why)
         except TooManyConnections:
             msg = "too many connections for this user"
             close = (CloseCode.TRY_AGAIN_LATER, "too many connections")
@@ -361,6 +366,11 @@ class Session:
         if event.cur and self.req is not None:
             self.req.stream_event()
         self.out.push((LIVE, event.cur, event.data, None, ""))
+
+    def check_position(self, stored: int) -> None:
+        """Hub callback: storage holds this user's stream up to `stored`."""
+        if self._phase is Phase.OPEN:
+            self.out.check(stored)
 
     def hold_for(self, coro: Awaitable[None]) -> None:
         """Run a read request; the messages after it wait for its answer (as they would

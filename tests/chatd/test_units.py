@@ -322,3 +322,17 @@ def test_a_bucket_paces_work_by_its_size() -> None:
     assert bucket.wait(1.0) > 0.0  # still 100 in debt after 1 s
     assert bucket.wait(3.01) == 0.0  # paid back, and a token more
     assert bucket.take(3.01) == 0.0
+
+
+def test_the_redis_broker_needs_a_shared_database_and_hides_its_password() -> None:
+    with pytest.raises(ConfigError, match="SQLite file belongs to one node"):
+        config_from_args(_parse([]), {"CHATD_BROKER": "redis://127.0.0.1:6379/0"})
+    with pytest.raises(ConfigError, match="unknown broker"):
+        config_from_args(_parse([]), {"CHATD_BROKER": "kafka://x"})
+    cfg = config_from_args(
+        _parse([]),
+        {"CHATD_BROKER": "redis://:s3cret@10.0.0.1:6379/0", "CHATD_DB": "postgresql://h/db"},
+    )
+    assert "s3cret" not in cfg.broker_shown and cfg.broker_shown.endswith("10.0.0.1:6379/0")
+    assert cfg.reorder_window == 0.05
+    assert config_from_args(_parse([]), {}).reorder_window == 0.0  # one node: in commit order
