@@ -97,6 +97,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = config_from_args(args)
         _setup_logging(config.log_level)
+        if args.command == "serve" and config.workers > 1:
+            from .workers import run_workers
+
+            return run_workers(config, list(argv if argv is not None else sys.argv[1:])[1:])
         if args.command == "serve":
             _install_loop()
             asyncio.run(_serve(config))

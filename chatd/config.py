@@ -71,6 +71,10 @@ class Config:
     """With the Redis broker: how long an event above a gap waits for the missing ones
     (two nodes may deliver out of order) before they are read from storage. (The
     in-process broker delivers in commit order: no window.)"""
+    workers: int = 1
+    """Processes serving one port (SO_REUSEPORT), joined by the Redis broker."""
+    reuse_port: bool = False
+    """Listen with SO_REUSEPORT (set by --workers for each worker)."""
     position_interval: float = 5.0
     """With the Redis broker: seconds between two checks of every local user's stream
     position against storage (finds a lost last event; one query per 500 users)."""
@@ -191,6 +195,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("broker", str, "'memory' (one node) or redis://HOST:PORT/DB (many nodes)"),
     Option("broker_prefix", str, "prefix of this fleet's Redis channels"),
     Option("node_id", str, "this node's name in logs, metrics and envelopes (default host:pid)"),
+    Option("workers", int, "processes on one port, joined by the Redis broker (needs redis)"),
+    Option("reuse_port", _bool, "listen with SO_REUSEPORT (set by --workers)"),
     Option("reorder_window_ms", float, "ms an event above a gap waits before a fill (Redis)"),
     Option("position_interval", float, "seconds between position checks of every user (Redis)"),
     Option("jwt_secret", str, "HS256 secret (unset: a generated file beside the database)"),
@@ -287,6 +293,13 @@ def _check(cfg: Config) -> None:
 
 
 def _check_broker(cfg: Config) -> None:
+    if cfg.workers < 1:
+        raise ConfigError("workers must be 1 or more")
+    if cfg.workers > 1 and (cfg.broker == "memory" or sqlite_path(cfg.db_url) is not None):
+        raise ConfigError(
+            "--workers N > 1 runs N nodes, joined by the Redis broker on a shared database: "
+            "use --broker redis://... with --db postgresql://..."
+        )
     if cfg.broker == "memory":
         return
     if not cfg.broker.startswith(("redis://", "rediss://", "unix://")):

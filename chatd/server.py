@@ -129,6 +129,7 @@ class Server:
             close_timeout=5,
             server_header="chatd",
             open_timeout=cfg.open_timeout,
+            reuse_port=cfg.reuse_port,
             create_connection=connection_class(self.admission),
         )
         where = (cfg.host, self.port, cfg.broker_shown, cfg.node)

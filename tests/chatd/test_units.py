@@ -336,3 +336,15 @@ def test_the_redis_broker_needs_a_shared_database_and_hides_its_password() -> No
     assert "s3cret" not in cfg.broker_shown and cfg.broker_shown.endswith("10.0.0.1:6379/0")
     assert cfg.reorder_window == 0.05
     assert config_from_args(_parse([]), {}).reorder_window == 0.0  # one node: in commit order
+
+
+def test_workers_need_the_redis_broker_and_a_shared_database() -> None:
+    with pytest.raises(ConfigError, match="--workers N > 1"):
+        config_from_args(_parse(["--workers", "2"]), {})
+    with pytest.raises(ConfigError, match="--workers N > 1"):
+        config_from_args(_parse(["--workers", "2", "--db", "postgresql://h/db"]), {})
+    cfg = config_from_args(
+        _parse(["--workers", "2", "--db", "postgresql://h/db", "--broker", "redis://h:6379/0"]),
+        {},
+    )
+    assert cfg.workers == 2
