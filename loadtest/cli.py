@@ -141,6 +141,13 @@ def _parser() -> argparse.ArgumentParser:
     ab.add_argument("--rounds", type=int, default=3)
     ab.add_argument("--out", default="reports/ab")
 
+    at = sub.add_parser("attacks", help="each attack of the security review beside a victim")
+    at.add_argument("--build", action="append", required=True, help="NAME=DIR (repeatable)")
+    at.add_argument("--attack", action="append", default=[], help="one of the attacks [all]")
+    at.add_argument("--duration", type=float, default=10.0)
+    at.add_argument("--convs", type=int, default=20_000, help="the attacker's conversations")
+    at.add_argument("--replay-mb", type=float, default=16.0, help="the attacker's stream")
+
     c = sub.add_parser("check-trace", help="parse a trace and print its counts")
     c.add_argument("trace")
     return p
@@ -193,6 +200,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"chatd-loadtest: {exc}", file=sys.stderr)
             return 2
         return run_ab(builds, Path(a.out), rate=a.rate, duration=a.duration, rounds=a.rounds)
+    if a.command == "attacks":
+        from .ab import parse_builds
+        from .attacks import ATTACKS, run_attacks
+
+        builds = parse_builds(a.build, [])
+        run_attacks(builds, a.attack or list(ATTACKS), a.duration, a.convs, a.replay_mb)
+        return 0
     if a.command == "server-bench":
         from .bench_server import run_server_bench
 
