@@ -136,7 +136,8 @@ async def _explain(url: str, store: SqlStore, probes: dict[str, Probe]) -> dict[
         for name, probe in probes.items():
             seen.clear()
             await probe()
-            plans[name] = "\n---\n".join([await _plan(url, s, p) for s, p in seen])
+            stmts = [(s, p) for s, p in seen if s.strip().upper() != "BEGIN"]
+            plans[name] = "\n---\n".join([await _plan(url, s, p) for s, p in stmts])
     finally:
         event.remove(engine.sync_engine, "before_cursor_execute", capture)
     return plans
