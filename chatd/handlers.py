@@ -41,6 +41,7 @@ from storage.base import (
     MarkOutcome,
     NotAMember,
     SendOutcome,
+    StorageRejected,
     StorageUnavailable,
     StoredMessage,
     UptoTooHigh,
@@ -210,6 +211,7 @@ class Requests:
         if isinstance(exc, FrameError):
             frame = error_frame(self.ctx, exc.code, exc.msg, rid, exc.retry_ms)
         elif isinstance(exc, StorageUnavailable):
+            self.ctx.metrics.storage_failures["unavailable"] += 1
             log.warning("conn %d: storage unavailable", self.conn_id)
             frame = error_frame(
                 self.ctx, ErrorCode.UNAVAILABLE, "storage unavailable; retry later", rid
@@ -217,6 +219,8 @@ class Requests:
         elif isinstance(exc, ConnectionClosed):
             return
         else:
+            if isinstance(exc, StorageRejected):
+                self.ctx.metrics.storage_failures["rejected"] += 1
             log.error("conn %d: request failed", self.conn_id, exc_info=exc)
             frame = error_frame(self.ctx, ErrorCode.INTERNAL, "internal error", rid)
         self.out.reply(frame)
@@ -229,6 +233,7 @@ class Requests:
             self.fail(rid, exc)
 
     def _publish(self, events: list[tuple[str, LiveEvent]]) -> None:
+        self.ctx.metrics.published_at = time.time()  # the in-process broker's lag stamp
         try:
             self.ctx.broker.publish(events)
         except Exception:
@@ -248,6 +253,7 @@ class Requests:
         wait = self.state.sends.take(time.monotonic())
         refused: FrameError | None = None
         if wait > 0.0:
+            self.ctx.metrics.rate_limited["send"] += 1
             refused = FrameError(
                 ErrorCode.RATE_LIMITED,
                 "too many messages; retry later",
@@ -318,6 +324,7 @@ class Requests:
                 if pend is not None:
                     self.out.own_done(f.cmid, pend, None)
                 self.out.reply(_sent(f.id, m, out.sender_cur, dup=True))
+                ctx.metrics.send_seconds.observe(time.perf_counter() - started)
                 return
             ctx.metrics.messages.inc()
             sent = _sent(f.id, m, out.sender_cur, dup=False)
@@ -326,6 +333,7 @@ class Requests:
             self.out.push(
                 (OWN_SENT, out.sender_cur, sent, None, f.cmid if pend is not None else "")
             )
+            ctx.metrics.send_seconds.observe(time.perf_counter() - started)
             mine = message_map(m, out.sender_cur)
             theirs = dict(mine)
             theirs["cur"] = out.recipient_cur
@@ -352,6 +360,7 @@ class Requests:
             raise FrameError(ErrorCode.BAD_REQUEST, "not a conversation of yours")
         wait = self.state.waste.wait(time.monotonic())
         if wait > 0.0:  # marks on conversations not the user's used up the budget
+            self.ctx.metrics.rate_limited["mark"] += 1
             retry = max(1, math.ceil(wait * 1000))
             raise FrameError(ErrorCode.RATE_LIMITED, "too many refused marks", retry_ms=retry)
         key = (f.conv, f.kind)
@@ -414,6 +423,7 @@ class Requests:
             raise FrameError(ErrorCode.BAD_REQUEST, "cannot type to yourself", f.id)
         wait = self.state.typing.take(time.monotonic())
         if wait > 0.0:
+            self.ctx.metrics.rate_limited["typing"] += 1
             if f.id is not None:
                 raise FrameError(
                     ErrorCode.RATE_LIMITED,

@@ -17,7 +17,11 @@ from .ratelimit import TokenBucket
 
 log = logging.getLogger("chatd.hub")
 
-__all__ = ["Hub", "Listener", "TooManyConnections", "UserState"]
+__all__ = ["MSG_TAG", "Hub", "Listener", "TooManyConnections", "UserState"]
+
+MSG_TAG = b"\xa1t\xa3msg"
+"""The bytes after the map header of an encoded `msg` frame ({"t": "msg", ...}): the hub
+counts the `msg` frames it hands on without decoding them."""
 
 
 class Listener(Protocol):
@@ -62,14 +66,19 @@ class Hub:
         until the buckets would have refilled, so reconnecting does not reset them."""
         self._rest_for = max(policy.send_burst / policy.send_rate, 1.0)
         """Seconds until an unused send bucket is full (typing's refills within 1 s)."""
+        self.msg_pushes = 0
+        """Live `msg` frames handed to sessions and not yet timed (metrics take them)."""
 
     def deliver(self, user: str, event: LiveEvent) -> None:
         """Broker callback: hand the event to every local session of the user."""
         state = self._users.get(user)
         if state is None:
             return
-        for session in tuple(state.sessions):
+        sessions = state.sessions
+        for session in tuple(sessions):
             session.push_live(event)
+        if event.cur and event.data.startswith(MSG_TAG, 1):
+            self.msg_pushes += len(sessions)
 
     def user_state(self, user: str) -> UserState:
         state = self._users.get(user)
@@ -143,6 +152,13 @@ class Hub:
                     for session in tuple(state.sessions):
                         session.check_position(cur)
         return len(users)
+
+    def users_online(self) -> int:
+        return len(self._users)
+
+    def device_counts(self) -> list[int]:
+        """Sessions of each online user."""
+        return [len(s.sessions) for s in self._users.values()]
 
     def session_count(self) -> int:
         return sum(len(s.sessions) for s in self._users.values())

@@ -252,6 +252,7 @@ class Outbox:
             else:
                 page = await store.events(self.user, after, welcome_cur, _PAGE)
             if page:
+                self.metrics.replayed["undelivered" if since is None else "resume"] += len(page)
                 frames = [encode_event(ev) for ev in page]
                 await self.ws.write(frames)
                 await self._pace(sum(map(len, frames)))
@@ -287,6 +288,8 @@ class Outbox:
         """Write the stored events with last < cur <= upto (a gap in the live feed),
         and the held items they release."""
         seq = self.seq
+        if seq.last < upto:
+            self.metrics.gap_repairs += 1
         while seq.last < upto:
             page = await self.store.events(self.user, seq.last, upto, _PAGE)
             if not page:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections.abc import Sequence
 from http import HTTPStatus
 from pathlib import Path
@@ -20,7 +21,7 @@ from storage.base import StorageError, Store
 
 from .admission import Admission, budget_for
 from .auth import Authenticator, TokenPolicy, load_or_create_secret, load_public_keys
-from .broker import Broker, BrokerUnavailable
+from .broker import Broker, BrokerUnavailable, LiveEvent
 from .config import Config
 from .connection import ChatConnection, connection_class
 from .context import Context
@@ -76,10 +77,19 @@ def build_broker(config: Config) -> Broker:
 
 class Server:
     def __init__(
-        self, config: Config, *, store: Store | None = None, broker: Broker | None = None
+        self,
+        config: Config,
+        *,
+        store: Store | None = None,
+        broker: Broker | None = None,
+        drain_grace: float = 0.0,
     ) -> None:
         self.config = config
-        self.metrics = Metrics()
+        self.drain_grace = drain_grace
+        """Seconds between /readyz turning 503 and the listener closing on shutdown (for
+        the balancer to see it)."""
+        self.draining = False
+        self.metrics = Metrics(config.node_id)  # a `node` label when --node-id is set
         self.store = store if store is not None else build_store(config)
         self.broker = broker if broker is not None else build_broker(config)
         self.hub = Hub(self.broker, config.policy)
@@ -88,6 +98,10 @@ class Server:
             self.hub, self.store, None if local else config.position_interval
         )
         self.metrics.watch_store(self.store)
+        self.metrics.watch_broker(self.broker)
+        self._sessions: set[Session] = set()
+        self.metrics.watch_hub(self.hub, self._outbox_depth, config.outbox_limit)
+        self._lag_hook = _hook_lag(self.broker, self.metrics)
         self.admission = _admission(config, self.metrics)
         self.ctx = Context(
             config, self.store, self.broker, self.hub, authenticator_for(config), self.metrics
@@ -113,7 +127,8 @@ class Server:
                     newer,
                 )
         await self.store.open()
-        await self.broker.start(self.hub.deliver, self.positions.resync)
+        deliver = self.hub.deliver if self._lag_hook else self._deliver_timed
+        await self.broker.start(deliver, self.positions.resync)
         self.positions.start()
         self._ws = await serve(
             self._handle,
@@ -153,16 +168,28 @@ class Server:
         await self._stopped.wait()
 
     async def stop(self) -> None:
-        """Stop listening, close connections with 1001, drain, then close broker and store."""
-        if self._ws is not None:
-            log.info("shutting down: closing %d connections", len(self._ws.connections))
-            self._ws.close(close_connections=True)
+        """Drain: /readyz turns 503 (for `drain_grace` seconds the listener stays open,
+        refusing new sessions), stop listening, let the writes in flight commit and their
+        `sent` go out, close connections with 1001, then close broker and store."""
+        self.draining = True
+        ws, self._ws = self._ws, None
+        if ws is not None:
+            if self.drain_grace > 0:
+                log.info("draining: /readyz is 503 for %.1f s", self.drain_grace)
+                await asyncio.sleep(self.drain_grace)
+            ws.server.close()  # accept no more connections
+            log.info("shutting down: draining %d sessions", len(self._sessions))
             try:
                 async with asyncio.timeout(self.config.shutdown_timeout):
-                    await self._ws.wait_closed()
+                    await asyncio.gather(*(s.drain() for s in tuple(self._sessions)))
+            except TimeoutError:
+                log.warning("sessions did not drain in time")
+            ws.close(close_connections=True)
+            try:
+                async with asyncio.timeout(self.config.shutdown_timeout):
+                    await ws.wait_closed()
             except TimeoutError:
                 log.warning("connections did not close in time")
-            self._ws = None
         await self.positions.close()
         await self.broker.close()
         await self.store.close()
@@ -187,15 +214,34 @@ class Server:
         log.debug("conn %d: open from %s", conn_id, ws.remote_address)
         assert isinstance(ws, ChatConnection)
         ws.conn_id = conn_id
-        await Session(self.ctx, ws, conn_id).run()
+        session = Session(self.ctx, ws, conn_id)
+        self._sessions.add(session)
+        try:
+            await session.run()
+        finally:
+            self._sessions.discard(session)
+
+    def _deliver_timed(self, user: str, event: LiveEvent) -> None:
+        """The in-process broker's deliver: timed from the publish's stamp."""
+        self.hub.deliver(user, event)
+        self.metrics.on_lag(time.time() - self.metrics.published_at)
+
+    def _outbox_depth(self) -> tuple[int, int]:
+        """Frames queued for all sessions, and for the fullest one (read at scrape time)."""
+        depths = [s.out.queued for s in self._sessions]
+        return sum(depths), max(depths, default=0)
 
     async def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
         if path == "/ws":
+            if self.draining:
+                return ws.respond(HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
             return None
         if path == "/healthz":
             return ws.respond(HTTPStatus.OK, "ok\n")
         if path == "/readyz":
+            if self.draining:
+                return ws.respond(HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
             try:
                 await self.store.ping()
             except StorageError:
@@ -210,6 +256,17 @@ class Server:
             resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
             return resp
         return ws.respond(HTTPStatus.NOT_FOUND, "not found: connect to /ws\n")
+
+
+def _hook_lag(broker: Broker, metrics: Metrics) -> bool:
+    """Time deliveries by the Redis envelope's publish time (`on_lag`); False for a
+    broker without one (the server stamps at publish then)."""
+    from .broker_redis import RedisBroker
+
+    if isinstance(broker, RedisBroker):
+        broker.on_lag = metrics.on_lag
+        return True
+    return False
 
 
 def _admission(config: Config, metrics: Metrics) -> Admission:

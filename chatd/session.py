@@ -156,6 +156,8 @@ class Session:
             self.inbox.release(HOLD_HELLO)
             await ws.wait_closed()
         except _Closing as exc:
+            if self._phase is Phase.HELLO:
+                metrics.hello_failed(exc.reason)
             await self._close(exc.code, exc.reason)
         except ConnectionClosed:
             pass
@@ -184,6 +186,18 @@ class Session:
         self.ctx.metrics.closes.labels(str(code), reason.replace(" ", "_")).inc()
         log.info("conn %d: closing %d (%s)", self.conn_id, code, reason)
         await self.ws.close(code, reason)
+
+    async def drain(self) -> None:
+        """Shutdown (the server drains): act on no more input, let the writes in flight
+        commit and their `sent` go out, then close 1001 (the client resumes elsewhere
+        with `since`; what it sent after this and got no `sent` for, it sends again)."""
+        if self._phase is not Phase.OPEN:
+            return
+        self.inbox.shut()
+        if self.req is not None:
+            await self.req.settle()
+        await self.out.drain()
+        await self._close(CloseCode.GOING_AWAY, "going away")
 
     def _close_drained(self, code: int, reason: str) -> None:
         """Stop acting on input now; close once the frames already queued (the last
@@ -261,6 +275,7 @@ class Session:
             why = (CloseCode.TRY_AGAIN_LATER, "broker unavailable")
             await self._refuse(ErrorCode.UNAVAILABLE, "broker unavailable", hello.id, why)
         except TooManyConnections:
+            ctx.metrics.rate_limited["connections"] += 1
             msg = "too many connections for this user"
             close = (CloseCode.TRY_AGAIN_LATER, "too many connections")
             await self._refuse(ErrorCode.RATE_LIMITED, msg, hello.id, close, retry_ms=1000)
@@ -272,6 +287,8 @@ class Session:
             log.warning("conn %d: storage unavailable at hello: %s", self.conn_id, exc)
             close = (CloseCode.TRY_AGAIN_LATER, "storage unavailable")
             await self._refuse(ErrorCode.UNAVAILABLE, "storage unavailable", hello.id, close)
+        if hello.since is not None:
+            ctx.metrics.resumes += 1
         welcome = welcome_map(self.user, self.device, cur, now_ms(), hello.id)
         await self.ws.send(encode_map(welcome))
         who = (self.conn_id, self.user, self.device, hello.since, cur)
