@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import gc
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -16,6 +17,7 @@ from . import __version__
 from .auth import Authenticator
 from .config import Config, add_options, config_from_args
 from .errors import ChatdError
+from .logs import FORMATS, setup_logging
 from .server import Server, authenticator_for
 
 log = logging.getLogger("chatd.cli")
@@ -30,6 +32,18 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the server (applies pending migrations first)")
     add_options(serve)
+    serve.add_argument(
+        "--drain-grace",
+        type=float,
+        default=None,
+        help="seconds /readyz answers 503 before the listener closes on SIGTERM, for the "
+        "balancer to see it [CHATD_DRAIN_GRACE] (0)",
+    )
+
+    top = sub.add_parser("top", help="a live view of the /metrics of one or more nodes")
+    top.add_argument("urls", nargs="+", metavar="URL", help="http://HOST:PORT (/metrics)")
+    top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes [1]")
+    top.add_argument("--once", action="store_true", help="print one frame and exit")
 
     token = sub.add_parser("token", help="print a JWT for USER, signed with the server's secret")
     token.add_argument("user")
@@ -40,18 +54,19 @@ def _parser() -> argparse.ArgumentParser:
 
     migrate = sub.add_parser("migrate", help="apply pending database migrations and exit")
     add_options(migrate, {"db", "log_level"})
+    for cmd in (serve, token, migrate):
+        cmd.add_argument(
+            "--log-format",
+            choices=FORMATS,
+            default=None,
+            help="plain lines, or one JSON object per line [CHATD_LOG_FORMAT] (plain)",
+        )
     return p
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # Libraries log at WARNING: chatd logs connection open/close itself, with a connection id.
-    for noisy in ("websockets", "alembic", "sqlalchemy", "aiosqlite", "asyncio"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+def _flag(value: object, env: str, default: str) -> str:
+    """A flag's value, else its environment variable's, else the default."""
+    return str(value) if value is not None else os.environ.get(env, default)
 
 
 def _install_loop() -> None:
@@ -77,12 +92,20 @@ def tune_gc(young: int) -> None:
         gc.set_threshold(young, 50, 100)
 
 
-async def _serve(config: Config) -> None:
-    server = Server(config)
+async def _serve(config: Config, drain_grace: float = 0.0) -> None:
+    server = Server(config, drain_grace=drain_grace)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+
+    def on_signal() -> None:
+        if stop.is_set():  # the second signal: exit at once
+            log.warning("second signal: exiting now")
+            os._exit(1)
+        log.info("signal: draining (a second one exits at once)")
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     try:
         await server.start()  # a failed start still closes what it opened (the store)
         tune_gc(config.gc_young)
@@ -95,15 +118,21 @@ async def _serve(config: Config) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.command == "top":
+            from .top import run_top
+
+            return run_top(args.urls, args.interval, args.once)
         config = config_from_args(args)
-        _setup_logging(config.log_level)
+        log_format = _flag(args.log_format, "CHATD_LOG_FORMAT", "plain")
+        setup_logging(config.log_level, log_format, config.node)
         if args.command == "serve" and config.workers > 1:
             from .workers import run_workers
 
             return run_workers(config, list(argv if argv is not None else sys.argv[1:])[1:])
         if args.command == "serve":
             _install_loop()
-            asyncio.run(_serve(config))
+            grace = float(_flag(args.drain_grace, "CHATD_DRAIN_GRACE", "0"))
+            asyncio.run(_serve(config, grace))
         elif args.command == "token":
             auth: Authenticator = authenticator_for(config)
             print(auth.mint(args.user, args.ttl))
