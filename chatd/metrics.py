@@ -30,6 +30,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from protocol import ErrorCode
 from storage.base import Store
 
 from .broker import Broker
@@ -137,10 +138,15 @@ class Metrics:
                 r.register(c)
         self.connections = Gauge("chatd_connections", "Open WebSocket connections", registry=r)
         self.sessions = Gauge("chatd_sessions", "Authenticated sessions", registry=r)
+        self.draining = Gauge(
+            "chatd_draining", "1 while the node drains (/readyz answers 503)", registry=r
+        )
         self.frames_in = Counter(
             "chatd_frames_in", "Client frames received, by type", ["type"], registry=r
         )
         self.errors = Counter("chatd_errors", "Error frames sent, by code", ["code"], registry=r)
+        for code in ErrorCode:
+            self.errors.labels(code)  # every code exported at 0 (dashboards, alerts)
         self.messages = Counter(
             "chatd_messages_stored", "Messages stored (not counting duplicates)", registry=r
         )

@@ -102,6 +102,7 @@ class Server:
         self._sessions: set[Session] = set()
         self.metrics.watch_hub(self.hub, self._outbox_depth, config.outbox_limit)
         self._lag_hook = _hook_lag(self.broker, self.metrics)
+        self.metrics.draining.set_function(lambda: float(self.draining))
         self.admission = _admission(config, self.metrics)
         self.ctx = Context(
             config, self.store, self.broker, self.hub, authenticator_for(config), self.metrics
