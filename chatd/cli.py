@@ -17,7 +17,7 @@ from . import __version__
 from .auth import Authenticator
 from .config import Config, add_options, config_from_args
 from .errors import ChatdError
-from .logs import FORMATS, setup_logging
+from .logs import setup_logging
 from .server import Server, authenticator_for
 
 log = logging.getLogger("chatd.cli")
@@ -32,13 +32,6 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the server (applies pending migrations first)")
     add_options(serve)
-    serve.add_argument(
-        "--drain-grace",
-        type=float,
-        default=None,
-        help="seconds /readyz answers 503 before the listener closes on SIGTERM, for the "
-        "balancer to see it [CHATD_DRAIN_GRACE] (0)",
-    )
 
     top = sub.add_parser("top", help="a live view of the /metrics of one or more nodes")
     top.add_argument("urls", nargs="+", metavar="URL", help="http://HOST:PORT (/metrics)")
@@ -53,20 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     add_options(token, minting)
 
     migrate = sub.add_parser("migrate", help="apply pending database migrations and exit")
-    add_options(migrate, {"db", "log_level"})
-    for cmd in (serve, token, migrate):
-        cmd.add_argument(
-            "--log-format",
-            choices=FORMATS,
-            default=None,
-            help="plain lines, or one JSON object per line [CHATD_LOG_FORMAT] (plain)",
-        )
+    add_options(migrate, {"db", "log_level", "log_format"})
     return p
-
-
-def _flag(value: object, env: str, default: str) -> str:
-    """A flag's value, else its environment variable's, else the default."""
-    return str(value) if value is not None else os.environ.get(env, default)
 
 
 def _install_loop() -> None:
@@ -92,8 +73,8 @@ def tune_gc(young: int) -> None:
         gc.set_threshold(young, 50, 100)
 
 
-async def _serve(config: Config, drain_grace: float = 0.0) -> None:
-    server = Server(config, drain_grace=drain_grace)
+async def _serve(config: Config) -> None:
+    server = Server(config)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
@@ -123,16 +104,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return run_top(args.urls, args.interval, args.once)
         config = config_from_args(args)
-        log_format = _flag(args.log_format, "CHATD_LOG_FORMAT", "plain")
-        setup_logging(config.log_level, log_format, config.node)
+        setup_logging(config.log_level, config.log_format, config.node)
         if args.command == "serve" and config.workers > 1:
             from .workers import run_workers
 
             return run_workers(config, list(argv if argv is not None else sys.argv[1:])[1:])
         if args.command == "serve":
             _install_loop()
-            grace = float(_flag(args.drain_grace, "CHATD_DRAIN_GRACE", "0"))
-            asyncio.run(_serve(config, grace))
+            asyncio.run(_serve(config))
         elif args.command == "token":
             auth: Authenticator = authenticator_for(config)
             print(auth.mint(args.user, args.ttl))

@@ -113,6 +113,11 @@ class Config:
     gc_young: int = 20_000
     """Allocations between young garbage collections (0: CPython's default of 700)."""
     log_level: str = "INFO"
+    log_format: str = "plain"
+    """'plain' lines, or 'json': one JSON object per line."""
+    drain_grace: float = 0.0
+    """Seconds /readyz answers 503 before the listener closes on SIGTERM (for the
+    balancer to see it)."""
     limits: Limits = field(default_factory=Limits)
     policy: Policy = field(default_factory=Policy)
 
@@ -222,6 +227,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("shutdown_timeout", float, "seconds to drain connections on shutdown"),
     Option("gc_young", int, "allocations between young GC passes (0: Python's 700)"),
     Option("log_level", str, "DEBUG, INFO, WARNING or ERROR"),
+    Option("log_format", str, "'plain' lines or 'json' (one object per line)"),
+    Option("drain_grace", float, "seconds /readyz answers 503 before the listener closes"),
     Option("limits.max_frame", int, "largest frame in bytes (above: close 1009)"),
     Option("limits.max_body", int, "largest message body in bytes"),
     Option("policy.send_rate", float, "sends per second per user"),
@@ -284,6 +291,10 @@ def _check(cfg: Config) -> None:
     _check_budget(cfg)
     if cfg.outbox_limit < 1 or cfg.outbox_bytes < 1:
         raise ConfigError("outbox_limit and outbox_bytes must be positive")
+    if cfg.log_format not in ("plain", "json"):
+        raise ConfigError(f"log_format {cfg.log_format!r}: 'plain' or 'json'")
+    if not 0.0 <= cfg.drain_grace <= 300.0:
+        raise ConfigError("drain_grace must be between 0 and 300 seconds")
     if cfg.gc_young < 0:
         raise ConfigError("gc_young must be 0 or more")
     if not 0.0 <= cfg.commit_window_ms <= 100.0:

@@ -10,7 +10,7 @@ from typing import Protocol
 
 from storage.base import Store
 
-from .broker import Broker, LiveEvent
+from .broker import Broker, BrokerUnavailable, LiveEvent
 from .config import Policy
 from .errors import ChatdError
 from .ratelimit import TokenBucket
@@ -102,8 +102,8 @@ class Hub:
 
     async def attach(self, session: Listener) -> UserState:
         """Register a session; it returns once the broker carries the user's events here.
-        Raises TooManyConnections over the per-user limit, BrokerUnavailable when the
-        broker cannot subscribe (the session is not attached then)."""
+        Raises TooManyConnections over the per-user limit. A broker that cannot subscribe
+        now does not stop it (see below)."""
         state = self.user_state(session.user)
         if len(state.sessions) >= self._policy.max_connections_per_user:
             raise TooManyConnections(session.user)
@@ -112,6 +112,10 @@ class Hub:
             # Every attach waits for the subscription (idempotent): a second device that
             # attaches while the first one's SUBSCRIBE is on its way returns after it too.
             await self._broker.subscribe(session.user)
+        except BrokerUnavailable:
+            # Served all the same: the broker subscribes when it is back (and resyncs);
+            # meanwhile the position checks bring this user's events from storage.
+            log.warning("user %r attached while the broker is unavailable", session.user)
         except BaseException:
             await self.detach(session)
             raise

@@ -82,12 +82,8 @@ class Server:
         *,
         store: Store | None = None,
         broker: Broker | None = None,
-        drain_grace: float = 0.0,
     ) -> None:
         self.config = config
-        self.drain_grace = drain_grace
-        """Seconds between /readyz turning 503 and the listener closing on shutdown (for
-        the balancer to see it)."""
         self.draining = False
         self.metrics = Metrics(config.node_id)  # a `node` label when --node-id is set
         self.store = store if store is not None else build_store(config)
@@ -175,9 +171,9 @@ class Server:
         self.draining = True
         ws, self._ws = self._ws, None
         if ws is not None:
-            if self.drain_grace > 0:
-                log.info("draining: /readyz is 503 for %.1f s", self.drain_grace)
-                await asyncio.sleep(self.drain_grace)
+            if self.config.drain_grace > 0:
+                log.info("draining: /readyz is 503 for %.1f s", self.config.drain_grace)
+                await asyncio.sleep(self.config.drain_grace)
             ws.server.close()  # accept no more connections
             log.info("shutting down: draining %d sessions", len(self._sessions))
             try:
@@ -250,7 +246,12 @@ class Server:
             try:
                 await self.broker.ping()
             except BrokerUnavailable:
-                return ws.respond(HTTPStatus.SERVICE_UNAVAILABLE, "broker unavailable\n")
+                # Still ready: sends are stored and acknowledged, and sessions find what
+                # they miss from storage (positions). Failing here would take every node
+                # of a fleet out of its balancer at once when Redis blinks.
+                return ws.respond(
+                    HTTPStatus.OK, "ready (broker unavailable: live delivery degraded)\n"
+                )
             return ws.respond(HTTPStatus.OK, "ready\n")
         if path == "/metrics":
             resp = ws.respond(HTTPStatus.OK, generate_latest(self.metrics.registry).decode())

@@ -53,7 +53,7 @@ from protocol import (
 )
 from storage.base import StorageError
 
-from .broker import BrokerUnavailable, LiveEvent
+from .broker import LiveEvent
 from .connection import ChatConnection
 from .context import Context
 from .errors import AuthError, ChatdError
@@ -270,10 +270,6 @@ class Session:
         ctx = self.ctx
         try:
             state = await ctx.hub.attach(self)
-        except BrokerUnavailable:
-            log.warning("conn %d: broker unavailable at hello", self.conn_id)
-            why = (CloseCode.TRY_AGAIN_LATER, "broker unavailable")
-            await self._refuse(ErrorCode.UNAVAILABLE, "broker unavailable", hello.id, why)
         except TooManyConnections:
             ctx.metrics.rate_limited["connections"] += 1
             msg = "too many connections for this user"

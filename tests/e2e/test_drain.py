@@ -152,7 +152,7 @@ async def test_sigterm_under_load_loses_nothing_and_delivers_once(tmp_path: Path
 
 
 async def test_readyz_is_503_while_draining(make_config: MakeConfig, clients: Clients) -> None:
-    srv = Server(make_config(), drain_grace=0.5)
+    srv = Server(make_config(drain_grace=0.5))
     await srv.start()
     port = srv.port
     client = await clients.connect(srv, "alice")

@@ -222,7 +222,8 @@ async def test_a_redis_stall_loses_nothing_and_needs_no_reconnect(
         await both_send("stalled")  # every one answered `sent` while Redis answers nothing
         for node, mark in zip((node1, node2), marks, strict=True):
             await node.wait_log("redis pubsub connection of", after=mark, timeout=15)
-            assert await node.ready() == 503  # its Redis does not answer
+            # still ready: sends are stored and sessions catch up from storage
+            assert await node.ready() == 200
         await both_send("noticed")
     finally:
         own_redis.resume()
@@ -360,8 +361,7 @@ def test_compose_file_agrees_with_the_options_and_the_balancer() -> None:
     nodes = sorted(name for name in services if name.startswith("chatd"))
     assert nodes == ["chatd1", "chatd2"]
     assert {"redis", "postgres", "haproxy"} <= set(services)
-    known = {opt.env for opt in OPTIONS} | {"CHATD_DRAIN_GRACE"}  # the last: chatd/cli.py
-    assert "CHATD_DRAIN_GRACE" in (REPO / "chatd" / "cli.py").read_text()
+    known = {opt.env for opt in OPTIONS}
     pg_env = services["postgres"]["environment"]
     envs = []
     for name in nodes:
