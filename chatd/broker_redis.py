@@ -9,15 +9,11 @@ or a cache that is stale exactly when a user moves: a lost event) and cleaned
 after crashed nodes; Redis keeps a million channels cheaply. `{prefix}ctl`
 carries resync notices.
 
-Subscriptions: ONE pub/sub connection per node, a desired-state set reconciled
-by one task. `subscribe`/`unsubscribe` set the user's *wanted* state and mark
-it dirty; the writer wakes once per loop iteration, compares wanted with *sent*
-(Redis' state once every command sent is processed) for each dirty user, and
-sends the differences as SUBSCRIBE/UNSUBSCRIBE of at most 512 channels in one
-write. Each command sent for a user is queued with the `subscribe` calls it
-answers, and Redis' confirmations, in order, pop that queue: the last call for
-a user decides, whatever the interleaving, and `subscribe` returns when the
-SUBSCRIBE sent after it (or one still in force) is confirmed.
+Subscriptions: ONE pub/sub connection per node; which channels it wants, has asked
+for and has had confirmed is `broker_subs.Subscriptions` (a desired-state set: the
+last `subscribe`/`unsubscribe` of a user decides, whatever the interleaving). Its
+writer wakes once per loop iteration and sends the differences as
+SUBSCRIBE/UNSUBSCRIBE of at most 512 channels in one write.
 
 Publishing: `publish` queues (user, event, time.time()) (beyond `max_queue`,
 events are dropped and counted) for the flusher, which sends all that is queued
@@ -46,13 +42,13 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
 from redis.asyncio.connection import AbstractConnection, Connection, parse_url
 
 from .broker import BrokerStats, BrokerUnavailable, Deliver, LiveEvent, Resync
+from .broker_subs import Subscriptions, resolve
 
 __all__ = ["SUBSCRIBE_BATCH", "RedisBroker"]
 
@@ -63,31 +59,6 @@ SUBSCRIBE_BATCH = 512
 
 _READY = b"r"
 _PUBSUB, _PUBLISH = "pubsub", "publish"
-_Pending = tuple[bool, list["asyncio.Future[None]"]]
-"""A command sent for a user (True: SUBSCRIBE) and the `subscribe` calls it answers."""
-
-
-@dataclass(slots=True, eq=False)
-class _Chan:
-    """One user's subscription: wanted, sent, and the commands not yet confirmed."""
-
-    want: bool = False
-    sent: bool = False
-    pending: deque[_Pending] = field(default_factory=deque)
-    waiters: list[asyncio.Future[None]] = field(default_factory=list)
-    """`subscribe` calls waiting for a SUBSCRIBE to be sent."""
-
-    def idle(self) -> bool:
-        return not (self.want or self.sent or self.pending or self.waiters)
-
-
-def _resolve(futures: list[asyncio.Future[None]], exc: BaseException | None = None) -> None:
-    for fut in futures:
-        if not fut.done():
-            if exc is None:
-                fut.set_result(None)
-            else:
-                fut.set_exception(exc)
 
 
 def _why(exc: BaseException) -> str:
@@ -126,15 +97,7 @@ class RedisBroker:
         self.node_id = node_id or secrets.token_hex(6)
         if not self.node_id.isprintable() or " " in self.node_id:
             raise ValueError(f"node id {self.node_id!r}: printable, without spaces")
-        kwargs: dict[str, Any] = dict(parse_url(url))
-        self._conn_class: Callable[..., AbstractConnection] = kwargs.pop(
-            "connection_class", Connection
-        )
-        # protocol 2: pub/sub messages as plain replies, not RESP3 pushes. No
-        # socket_timeout: redis-py would then write through wait_for(), which on
-        # Python 3.11 can swallow a cancel; our own timeouts bound every I/O.
-        self._conn_kwargs = kwargs | {"protocol": 2, "socket_timeout": None}
-        self._where = f"{kwargs.get('host', kwargs.get('path'))}:{kwargs.get('port', '')}"
+        self._conn_class, self._conn_kwargs, self._where = _settings(url)
         self._user_prefix = f"{prefix}u:".encode()
         self._ctl = f"{prefix}ctl".encode()
         self._max_queue, self._max_batch = max_queue, max_batch
@@ -148,8 +111,7 @@ class RedisBroker:
         self._up = {_PUBSUB: asyncio.Event(), _PUBLISH: asyncio.Event()}
         self._sub_wake, self._pub_wake = asyncio.Event(), asyncio.Event()
         self._drained = asyncio.Event()
-        self._chans: dict[str, _Chan] = {}
-        self._dirty: dict[str, None] = {}
+        self._subs = Subscriptions(self._user_prefix, self._sub_wake.set)
         self._queue: deque[tuple[str, LiveEvent, float]] = deque()
         self._pings: list[asyncio.Future[None]] = []
         self._announced = 0
@@ -180,25 +142,12 @@ class RedisBroker:
     async def subscribe(self, user: str) -> None:
         if self._closed or not self._tasks:
             raise BrokerUnavailable("broker not running")
-        ch = self._chans.get(user)
-        if ch is None:
-            ch = self._chans[user] = _Chan()
-        ch.want = True
-        if ch.sent and not ch.pending:
-            return  # confirmed, and nothing sent since
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if ch.sent:
-            ch.pending[-1][1].append(fut)  # the last command sent is this SUBSCRIBE
-        else:
-            ch.waiters.append(fut)
-            self._mark(user)
-        await self._confirmed(fut, f"SUBSCRIBE of {user!r}")
+        fut = self._subs.want(user)
+        if fut is not None:
+            await self._confirmed(fut, f"SUBSCRIBE of {user!r}")
 
     async def unsubscribe(self, user: str) -> None:
-        ch = self._chans.get(user)
-        if ch is not None and ch.want:
-            ch.want = False
-            self._mark(user)
+        self._subs.unwant(user)
 
     def publish(self, events: Sequence[tuple[str, LiveEvent]]) -> None:
         try:
@@ -238,16 +187,9 @@ class RedisBroker:
 
     def stats(self) -> BrokerStats:
         return BrokerStats(
-            published=self._published,
-            received=self._received,
-            dropped=self._dropped,
-            reconnects=self._reconnects,
-            resyncs=self._resyncs,
-            queued=len(self._queue),
-            channels=sum(1 for ch in self._chans.values() if ch.want),
-            lag_last=self._lag_last,
-            lag_max=self._lag_max,
-        )
+            self._published, self._received, self._dropped, self._reconnects, self._resyncs,
+            len(self._queue), self._subs.count(), self._lag_last, self._lag_max,
+        )  # fmt: skip
 
     async def close(self) -> None:
         """Flush what is queued (for up to `timeout`), then stop every task."""
@@ -264,10 +206,8 @@ class RedisBroker:
         self._dropped += len(self._queue)
         self._queue.clear()
         gone = BrokerUnavailable("broker closed")
-        _resolve(self._pings, gone)
-        for ch in self._chans.values():
-            _resolve(ch.waiters + [f for _sub, futs in ch.pending for f in futs], gone)
-        self._chans.clear()
+        resolve(self._pings, gone)
+        self._subs.close(gone)
         log.info("redis broker %s closed", self.node_id)
 
     # ------------------------------------------------------------------ connections
@@ -276,26 +216,16 @@ class RedisBroker:
         self, role: str, session: Callable[[AbstractConnection], Awaitable[None]]
     ) -> None:
         """Run `session` on a new connection each time the last one fails, with backoff."""
-        up, delay = self._up[role], self._backoff[0]
         name = f"chatd-{role}-{self.node_id}"
-        while True:
-            conn = self._conn_class(**(self._conn_kwargs | {"client_name": name}))
-            try:
-                async with asyncio.timeout(self._timeout):  # connect and handshake
-                    await conn.connect()  # type: ignore[no-untyped-call]
-                await session(conn)
-            except Exception as exc:  # loud once when lost, quiet while away
-                level = logging.WARNING if up.is_set() else logging.DEBUG
-                log.log(level, "redis %s connection of %s lost: %s", role, self.node_id, _why(exc))
-            finally:
-                with contextlib.suppress(Exception):
-                    await conn.disconnect(nowait=True)
-            if up.is_set():
-                up.clear()
-                self._reconnects += 1
-                delay = self._backoff[0]
-            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-            delay = min(delay * 2, self._backoff[1])
+
+        def connect() -> AbstractConnection:
+            return self._conn_class(**(self._conn_kwargs | {"client_name": name}))
+
+        def lost() -> None:
+            self._reconnects += 1
+
+        what = f"redis {role} connection of {self.node_id}"
+        await supervise(connect, session, self._up[role], what, self._timeout, self._backoff, lost)
 
     # ------------------------------------------------------------------ pub/sub link
 
@@ -308,25 +238,7 @@ class RedisBroker:
                 tasks.create_task(self._write_link(conn))
                 tasks.create_task(self._keep_link(conn))
         finally:
-            self._reset_subscriptions()
-
-    def _reset_subscriptions(self) -> None:
-        """After a connection, Redis holds nothing: every wanted user is to be subscribed
-        again, and the `subscribe` calls waiting for a confirmation wait for that one."""
-        for user, ch in list(self._chans.items()):
-            for _sub, futs in ch.pending:
-                ch.waiters.extend(futs)
-            ch.pending.clear()
-            ch.sent = False
-            if ch.want:
-                self._mark(user)
-            else:
-                _resolve(ch.waiters)
-                del self._chans[user]
-
-    def _mark(self, user: str) -> None:
-        self._dirty[user] = None
-        self._sub_wake.set()
+            self._subs.reset()
 
     async def _write_link(self, conn: AbstractConnection) -> None:
         """Send SUBSCRIBE/UNSUBSCRIBE for what changed, once per wake-up, in one write."""
@@ -334,7 +246,7 @@ class RedisBroker:
         ready = [(b"PING", _READY)]  # answered once all of the first round is done
         while True:
             self._sub_wake.clear()
-            subs, unsubs = self._reconcile()
+            subs, unsubs = self._subs.reconcile()
             for name, chans in ((b"SUBSCRIBE", subs), (b"UNSUBSCRIBE", unsubs)):
                 step = SUBSCRIBE_BATCH
                 cmds += [(name, *chans[i : i + step]) for i in range(0, len(chans), step)]
@@ -343,28 +255,6 @@ class RedisBroker:
                 async with asyncio.timeout(self._timeout):
                     await conn.send_packed_command(conn.pack_commands(sending), check_health=False)
             await self._sub_wake.wait()
-
-    def _reconcile(self) -> tuple[list[bytes], list[bytes]]:
-        """The channels to subscribe and to unsubscribe for the users marked dirty."""
-        subs: list[bytes] = []
-        unsubs: list[bytes] = []
-        dirty, self._dirty = self._dirty, {}
-        for user in dirty:
-            ch = self._chans.get(user)
-            if ch is None:
-                continue
-            if ch.want != ch.sent:
-                ch.sent = ch.want
-                ch.pending.append((ch.want, ch.waiters if ch.want else []))
-                (subs if ch.want else unsubs).append(self._user_prefix + user.encode())
-                if ch.want:
-                    ch.waiters = []
-            if not ch.want:  # subscribe calls superseded by an unsubscribe return
-                _resolve(ch.waiters)
-                ch.waiters.clear()
-                if ch.idle():
-                    del self._chans[user]
-        return subs, unsubs
 
     async def _read_link(self, conn: AbstractConnection) -> None:
         loop = asyncio.get_running_loop()
@@ -377,7 +267,7 @@ class RedisBroker:
             if kind == b"message" and len(msg) == 3:
                 self._on_message(msg[1], msg[2])
             elif kind in (b"subscribe", b"unsubscribe"):
-                self._on_confirm(msg[1], kind == b"subscribe")
+                self._subs.confirmed(msg[1], kind == b"subscribe")
             elif kind == b"pong" and msg[1] == _READY:  # all resubscribed
                 self._up[_PUBSUB].set()
                 if self._link_was_up:
@@ -396,29 +286,13 @@ class RedisBroker:
             async with asyncio.timeout(self._timeout):
                 await conn.send_command(b"PING", b"k", check_health=False)
 
-    def _on_confirm(self, channel: bytes, subscribed: bool) -> None:
-        if not channel.startswith(self._user_prefix):
-            return  # the ctl channel
-        user = channel[len(self._user_prefix) :].decode()
-        ch = self._chans.get(user)
-        if ch is None or not ch.pending:
-            log.warning("unexpected %s confirmation", "subscribe" if subscribed else "unsubscribe")
-            return
-        sent, futs = ch.pending.popleft()
-        if sent != subscribed:
-            log.warning("subscription confirmations of %r out of order", user)
-        _resolve(futs)
-        if ch.idle():
-            del self._chans[user]
-
     def _on_message(self, channel: bytes, payload: bytes) -> None:
         if channel == self._ctl:
             log.info("resync notice from another node's publisher (or ours)")
             self._call_resync()
             return
         user = channel[len(self._user_prefix) :].decode(errors="replace")
-        ch = self._chans.get(user)
-        if ch is None or not ch.want or self._deliver is None:
+        if not self._subs.wants(user) or self._deliver is None:
             return
         got = _unpack(payload)
         if got is None:
@@ -489,7 +363,7 @@ class RedisBroker:
                     await conn.read_response(timeout=math.inf)
         except BaseException as exc:
             self._dropped += len(batch)
-            _resolve(pings, BrokerUnavailable("redis publish connection failed"))
+            resolve(pings, BrokerUnavailable("redis publish connection failed"))
             if not isinstance(exc, asyncio.CancelledError):
                 log.warning("broker dropped %d events: %s", len(batch), _why(exc))
             raise
@@ -497,4 +371,48 @@ class RedisBroker:
         if notice:
             self._announced = dropped
             self._next_notice = time.monotonic() + self._ping_interval
-        _resolve(pings)
+        resolve(pings)
+
+
+async def supervise(
+    connect: Callable[[], AbstractConnection],
+    session: Callable[[AbstractConnection], Awaitable[None]],
+    up: asyncio.Event,
+    what: str,
+    timeout: float,
+    backoff: tuple[float, float],
+    lost: Callable[[], None],
+) -> None:
+    """Run `session` on a new connection from `connect` each time the last one fails,
+    with jittered backoff; `lost` is called when a connection that was up (`up` set
+    by the session) is lost."""
+    delay = backoff[0]
+    while True:
+        conn = connect()
+        try:
+            async with asyncio.timeout(timeout):  # connect and handshake
+                await conn.connect()  # type: ignore[no-untyped-call]
+            await session(conn)
+        except Exception as exc:  # loud once when lost, quiet while away
+            level = logging.WARNING if up.is_set() else logging.DEBUG
+            log.log(level, "%s lost: %s", what, _why(exc))
+        finally:
+            with contextlib.suppress(Exception):
+                await conn.disconnect(nowait=True)
+        if up.is_set():
+            up.clear()
+            lost()
+            delay = backoff[0]
+        await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+        delay = min(delay * 2, backoff[1])
+
+
+def _settings(url: str) -> tuple[Callable[..., AbstractConnection], dict[str, Any], str]:
+    """(connection class, its arguments, host:port for logs) for a redis:// URL."""
+    kwargs: dict[str, Any] = dict(parse_url(url))
+    conn_class: Callable[..., AbstractConnection] = kwargs.pop("connection_class", Connection)
+    where = f"{kwargs.get('host', kwargs.get('path'))}:{kwargs.get('port', '')}"
+    # protocol 2: pub/sub messages as plain replies, not RESP3 pushes. No
+    # socket_timeout: redis-py would then write through wait_for(), which on
+    # Python 3.11 can swallow a cancel; our own timeouts bound every I/O.
+    return conn_class, kwargs | {"protocol": 2, "socket_timeout": None}, where

@@ -440,38 +440,44 @@ class Requests:
     # ---------------------------------------------------------------- reads
 
     def history(self, f: HistoryRequest) -> None:
-        self.host.hold_for(self.guard(f.id, self._history(f)))
-
-    async def _history(self, f: HistoryRequest) -> None:
-        if f.with_ == self.user:
-            raise FrameError(ErrorCode.BAD_REQUEST, "'with' must be another user")
-        limits = self.ctx.config.limits
-        limit = f.limit if f.limit is not None else limits.history_default
-        if limit > limits.history_max:
-            raise FrameError(ErrorCode.BAD_REQUEST, f"'limit' is at most {limits.history_max}")
-        page = await self.ctx.store.history(self.user, f.with_, f.before, limit)
-        msgs: list[dict[str, Any]] = []
-        more = page.more
-        size = 0
-        for m in page.messages:  # newest first: a page cut short ends at an older `seq`
-            size += body_size(m.body)
-            if msgs and size > limits.history_bytes:
-                more = True
-                break
-            msgs.append(message_map(m, None))
-        reply = history_map(f.id, page.conv, msgs, more, page.delivered, page.read)
-        self.out.reply(encode_map(reply))
+        self.host.hold_for(self.guard(f.id, self._answer(history_reply(self.ctx, self.user, f))))
 
     def convs(self, f: ConvsRequest) -> None:
-        self.host.hold_for(self.guard(f.id, self._convs(f)))
+        self.host.hold_for(self.guard(f.id, self._answer(convs_reply(self.ctx, self.user, f))))
 
-    async def _convs(self, f: ConvsRequest) -> None:
-        limits = self.ctx.config.limits
-        limit = f.limit if f.limit is not None else limits.convs_default
-        if limit > limits.convs_max:
-            raise FrameError(ErrorCode.BAD_REQUEST, f"'limit' is at most {limits.convs_max}")
-        rows = await self.ctx.store.convs(self.user, limit)
-        convs = [
-            conv_info_map(c.conv, c.peer, c.seq, c.ts, c.unread, c.delivered, c.read) for c in rows
-        ]
-        self.out.reply(encode_map(convs_map(f.id, convs)))
+    async def _answer(self, reply: Awaitable[bytes]) -> None:
+        self.out.reply(await reply)
+
+
+async def history_reply(ctx: Context, user: str, f: HistoryRequest) -> bytes:
+    """A `history` page: at most `limit` messages, and at most `history_bytes` of bodies."""
+    if f.with_ == user:
+        raise FrameError(ErrorCode.BAD_REQUEST, "'with' must be another user")
+    limits = ctx.config.limits
+    limit = f.limit if f.limit is not None else limits.history_default
+    if limit > limits.history_max:
+        raise FrameError(ErrorCode.BAD_REQUEST, f"'limit' is at most {limits.history_max}")
+    page = await ctx.store.history(user, f.with_, f.before, limit)
+    msgs: list[dict[str, Any]] = []
+    more = page.more
+    size = 0
+    for m in page.messages:  # newest first: a page cut short ends at an older `seq`
+        size += body_size(m.body)
+        if msgs and size > limits.history_bytes:
+            more = True
+            break
+        msgs.append(message_map(m, None))
+    return encode_map(history_map(f.id, page.conv, msgs, more, page.delivered, page.read))
+
+
+async def convs_reply(ctx: Context, user: str, f: ConvsRequest) -> bytes:
+    """The user's conversations, newest first, with unread counts."""
+    limits = ctx.config.limits
+    limit = f.limit if f.limit is not None else limits.convs_default
+    if limit > limits.convs_max:
+        raise FrameError(ErrorCode.BAD_REQUEST, f"'limit' is at most {limits.convs_max}")
+    rows = await ctx.store.convs(user, limit)
+    convs = [
+        conv_info_map(c.conv, c.peer, c.seq, c.ts, c.unread, c.delivered, c.read) for c in rows
+    ]
+    return encode_map(convs_map(f.id, convs))

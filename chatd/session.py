@@ -29,7 +29,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable
 from enum import IntEnum
-from typing import Any, NoReturn
+from typing import Any
 
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
@@ -45,10 +45,8 @@ from protocol import (
     Send,
     Typing,
     decode_client,
-    decode_map,
     encode_map,
     pong_map,
-    request_id,
     welcome_map,
 )
 from storage.base import StorageError
@@ -56,8 +54,8 @@ from storage.base import StorageError
 from .broker import LiveEvent
 from .connection import ChatConnection
 from .context import Context
-from .errors import AuthError, ChatdError
 from .handlers import Requests, error_frame, now_ms
+from .handshake import Closing, Handshake, refuse
 from .hub import TooManyConnections
 from .inbox import HOLD_HELLO, HOLD_READ, HOLD_WRITES, Inbox
 from .outbox import Outbox, writer_close
@@ -85,15 +83,6 @@ _NEXT: dict[Phase, frozenset[Phase]] = {
 
 _READ_WAIT = 1.0
 """Seconds a history / convs read waits at most for the connection's queued frames."""
-
-
-class _Closing(ChatdError):
-    """Raised inside the session to close the connection with (code, reason)."""
-
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
 
 
 class Session:
@@ -150,12 +139,15 @@ class Session:
         try:
             ws.forget_handshake()
             ws.set_sink(self.inbox.feed)
-            hello = await self._await_hello()
+            shake = Handshake(self.ctx, ws, self.inbox, self.conn_id, self._parse, self._mapped)
+            greeted = await shake.run()
+            self.user, self.device = greeted.user, greeted.frame.device
+            hello = greeted.frame
             await self._serve(hello)
             self._enter(Phase.OPEN)
             self.inbox.release(HOLD_HELLO)
             await ws.wait_closed()
-        except _Closing as exc:
+        except Closing as exc:
             if self._phase is Phase.HELLO:
                 metrics.hello_failed(exc.reason)
             await self._close(exc.code, exc.reason)
@@ -224,46 +216,6 @@ class Session:
 
     # ------------------------------------------------------------------ hello
 
-    async def _await_hello(self) -> Hello:
-        try:
-            async with asyncio.timeout(self.ctx.config.policy.hello_timeout):
-                while True:
-                    hello = await self._hello_from(await self.inbox.next())
-                    if hello is not None:
-                        return hello
-        except TimeoutError:
-            raise _Closing(CloseCode.POLICY_VIOLATION, "no hello in time") from None
-
-    async def _hello_from(self, data: bytes | str) -> Hello | None:
-        """The `hello` in a message before `welcome`, with the user verified; None
-        after answering anything else."""
-        try:
-            m = decode_map(data)
-        except FrameError:
-            m = None
-        if m is not None and m.get("t") != "hello":
-            self._bad_in_row = 0
-            await self.ws.send(
-                error_frame(self.ctx, ErrorCode.UNAUTHORIZED, "say hello first", request_id(m))
-            )
-            return None
-        frame, answer, close = self._parse(data)
-        if answer is not None:
-            await self.ws.send(answer)
-        if close:
-            raise _Closing(CloseCode.POLICY_VIOLATION, "too many bad frames")
-        if frame is None:
-            return None
-        assert isinstance(frame, Hello)
-        try:
-            self.user = self.ctx.auth.verify(frame.token)
-        except AuthError as exc:
-            log.info("conn %d: refused token (%s)", self.conn_id, exc)
-            why = (CloseCode.POLICY_VIOLATION, "unauthorized")
-            await self._refuse(ErrorCode.UNAUTHORIZED, "bad or expired token", frame.id, why)
-        self.device = frame.device
-        return frame
-
     async def _serve(self, hello: Hello) -> None:
         """Attach to the hub, say `welcome`, start the writer (catch-up, then live)."""
         self.ws.authenticated()  # the token is good: never shed to make room from now on
@@ -274,7 +226,7 @@ class Session:
             ctx.metrics.rate_limited["connections"] += 1
             msg = "too many connections for this user"
             close = (CloseCode.TRY_AGAIN_LATER, "too many connections")
-            await self._refuse(ErrorCode.RATE_LIMITED, msg, hello.id, close, retry_ms=1000)
+            await refuse(ctx, self.ws, ErrorCode.RATE_LIMITED, msg, hello.id, close, retry_ms=1000)
         self.req = Requests(ctx, self, self.out, self.user, state, self.conn_id)
         ctx.metrics.sessions.inc()
         try:
@@ -282,7 +234,9 @@ class Session:
         except StorageError as exc:
             log.warning("conn %d: storage unavailable at hello: %s", self.conn_id, exc)
             close = (CloseCode.TRY_AGAIN_LATER, "storage unavailable")
-            await self._refuse(ErrorCode.UNAVAILABLE, "storage unavailable", hello.id, close)
+            await refuse(
+                ctx, self.ws, ErrorCode.UNAVAILABLE, "storage unavailable", hello.id, close
+            )
         if hello.since is not None:
             ctx.metrics.resumes += 1
         welcome = welcome_map(self.user, self.device, cur, now_ms(), hello.id)
@@ -293,18 +247,6 @@ class Session:
         self.out.replay = state.replay
         writer = self.out.writer = asyncio.create_task(self.out.run(hello.since, cur))
         writer.add_done_callback(self._writer_done)
-
-    async def _refuse(
-        self,
-        code: ErrorCode,
-        msg: str,
-        rid: Any,
-        close: tuple[int, str],
-        retry_ms: int | None = None,
-    ) -> NoReturn:
-        """Answer a frame before `welcome` with an error, then close with `close`."""
-        await self.ws.send(error_frame(self.ctx, code, msg, rid, retry_ms))
-        raise _Closing(*close)
 
     def _writer_done(self, task: asyncio.Task[None]) -> None:
         if task.cancelled():
@@ -335,6 +277,9 @@ class Session:
         except Exception:  # a bug: never let it into websockets' protocol callback
             log.exception("conn %d: failed to handle a %s frame", self.conn_id, frame.t)
             self._close_drained(CloseCode.INTERNAL_ERROR, "internal error")
+
+    def _mapped(self) -> None:
+        self._bad_in_row = 0
 
     def _parse(self, data: bytes | str) -> tuple[Any, bytes | None, bool]:
         """Decode a message: (frame, None, False), or (None, the error frame answering it,
