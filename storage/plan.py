@@ -128,8 +128,8 @@ def read_batch(io: BatchIO, batch: Sequence[Op]) -> BatchPlan:
     sends = [op for op in batch if isinstance(op, SendOp)]
     marks = [op for op in batch if isinstance(op, MarkOp)]
     mark_peer = _mark_peers(io, sends, marks)
-    last_cur = _lock_users(io, sends, mark_peer)
     stored = _stored_sends(io, sends)
+    last_cur = _lock_users(io, sends, mark_peer, stored)
     first_of, send_convs = _new_sends(batch, stored)
     convs = _lock_convs(io, send_convs, mark_peer)
     members = _read_members(io, send_convs, mark_peer)
@@ -153,12 +153,20 @@ def _mark_peers(io: BatchIO, sends: list[SendOp], marks: list[MarkOp]) -> dict[U
     return mark_peer
 
 
-def _lock_users(io: BatchIO, sends: list[SendOp], mark_peer: dict[UserConv, str]) -> dict[str, int]:
-    """2. users: lock (sorted), create the missing ones, lock those; their `last_cur`."""
+def _lock_users(
+    io: BatchIO,
+    sends: list[SendOp],
+    mark_peer: dict[UserConv, str],
+    stored: dict[tuple[str, str], SendOutcome],
+) -> dict[str, int]:
+    """2. users: lock (sorted), create the missing ones, lock those; their `last_cur`.
+    The recipient of a duplicate (its (sender, cmid) stored already) is left out: a
+    duplicate creates no row, whatever its `to`."""
     user_ids: set[str] = set()
     for s in sends:
         user_ids.add(s.sender)
-        user_ids.add(s.recipient)
+        if (s.sender, s.cmid) not in stored:
+            user_ids.add(s.recipient)
     for (u, _c), pu in mark_peer.items():
         user_ids.add(u)
         user_ids.add(pu)

@@ -546,3 +546,17 @@ async def test_last_curs_of_many_users_in_one_query(store: Store) -> None:
         "carol": 1,
     }
     assert await store.last_curs([]) == {}
+
+
+async def test_a_duplicate_creates_no_row_whatever_its_recipient(store: Store) -> None:
+    """A resent stored (sender, cmid) with a new `to` each time is answered as the dup it
+    is, and no users row is made for those recipients (they were a free way to fill
+    the users table)."""
+    first = await send(store, "alice", "bob", "c1")
+    outs = await asyncio.gather(
+        *(store.send("alice", f"stranger{i}", "c1", "x", "text", TS) for i in range(20))
+    )
+    assert all(o.dup and o.message.mid == first.message.mid for o in outs)
+    assert await store.last_curs([f"stranger{i}" for i in range(20)]) == {}
+    later = await send(store, "alice", "stranger0", "c2")  # a real message still makes one
+    assert not later.dup and await store.last_curs(["stranger0"]) == {"stranger0": 1}

@@ -41,10 +41,13 @@ DECLARE
     n_new int;
     v_stored json;
 BEGIN
-    -- 1-2. everyone involved: both people of each send, each marking member and peer
+    -- 1-2. everyone involved: both people of each send (only the sender of a
+    -- duplicate: it creates no row, whatever its recipient), each marking member and
+    -- peer. A send stored already stays stored, so that one is left out for good.
     SELECT coalesce(array_agg(DISTINCT x.u), '{}') INTO v_users FROM (
         SELECT unnest(s_sender) AS u
-        UNION ALL SELECT unnest(s_recipient)
+        UNION ALL SELECT k.r FROM unnest(s_sender, s_recipient, s_cmid) AS k(s, r, c)
+          WHERE NOT EXISTS (SELECT 1 FROM messages m WHERE m.sender = k.s AND m.cmid = k.c)
         UNION ALL SELECT unnest(ARRAY[mb.user_id, mb.peer])
           FROM unnest(m_user, m_conv) AS k(u, c)
           JOIN members mb ON mb.user_id = k.u AND mb.conv = k.c
