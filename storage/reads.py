@@ -43,14 +43,17 @@ def _message_cols_of(m: Any) -> list[Any]:
 class SqlReads:
     """The Store's reads (see `storage.base.Store` for each), on `engine` (None: closed).
 
-    The store sets `engine` when it opens and clears it when it closes."""
+    The store sets `engine` when it opens and clears it when it closes; `ping_engine`
+    likewise: health checks have a connection of their own, so that they never wait
+    behind users' reads (a node stays ready while its read pool is busy)."""
 
     def __init__(self) -> None:
         self.engine: AsyncEngine | None = None
+        self.ping_engine: AsyncEngine | None = None
 
     @contextlib.asynccontextmanager
-    async def _connect(self) -> AsyncIterator[AsyncConnection]:
-        engine = self.engine
+    async def _connect(self, engine: AsyncEngine | None = None) -> AsyncIterator[AsyncConnection]:
+        engine = engine or self.engine
         if engine is None:
             raise StorageUnavailable("store is not open")
         try:
@@ -185,7 +188,8 @@ class SqlReads:
 
     async def ping(self) -> None:
         try:
-            async with asyncio.timeout(_PING_TIMEOUT_S), self._connect() as conn:
+            engine = self.ping_engine
+            async with asyncio.timeout(_PING_TIMEOUT_S), self._connect(engine) as conn:
                 await conn.execute(select(literal_column("1")))
         except TimeoutError as exc:
             raise StorageUnavailable("database ping timed out") from exc

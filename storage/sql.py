@@ -169,8 +169,7 @@ class SqlStore:
 
     # ---------------------------------------------------------------- lifecycle
 
-    def _make_reader_engine(self) -> AsyncEngine:
-        size = max(1, self.pool_size)
+    def _make_reader_engine(self, size: int, overflow: int) -> AsyncEngine:
         if self._sqlite:
             engine = create_async_engine(self.url, pool_size=size, max_overflow=0)
             _sqlite_reader_setup(engine.sync_engine)
@@ -184,7 +183,7 @@ class SqlStore:
         return create_async_engine(
             self.url,
             pool_size=size,
-            max_overflow=size,
+            max_overflow=overflow,
             pool_pre_ping=True,
             connect_args=connect_args,
         )
@@ -201,7 +200,9 @@ class SqlStore:
                 f"chatd needs SQLite {'.'.join(map(str, _SQLITE_MIN))} or newer "
                 f"(UPDATE ... FROM); this Python has {sqlite3.sqlite_version}"
             )
-        self._reads.engine = self._make_reader_engine()
+        size = max(1, self.pool_size)
+        self._reads.engine = self._make_reader_engine(size, size)
+        self._reads.ping_engine = self._make_reader_engine(1, 0)
         if self._sqlite:
             self._sqlite_exec = ThreadPoolExecutor(1, thread_name_prefix="chatd-sqlite-writer")
         else:
@@ -222,10 +223,12 @@ class SqlStore:
         await self._dispose()
 
     async def _dispose(self) -> None:
-        engine, self._reads.engine = self._reads.engine, None
-        if engine is not None:
-            with contextlib.suppress(Exception):
-                await engine.dispose()
+        engines = (self._reads.engine, self._reads.ping_engine)
+        self._reads.engine = self._reads.ping_engine = None
+        for engine in engines:
+            if engine is not None:
+                with contextlib.suppress(Exception):
+                    await engine.dispose()
         pg_writer, self._pg_writer = self._pg_writer, None
         if pg_writer is not None:
             await pg_writer.close()

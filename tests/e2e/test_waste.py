@@ -12,6 +12,7 @@ import pytest
 from chatd.server import Server
 
 from .conftest import Clients, MakeConfig, Servers
+from .helpers import http_get
 
 
 async def test_a_loop_of_duplicates_is_throttled_like_sends_past_its_budget(
@@ -137,3 +138,17 @@ async def test_catch_up_is_paced_by_the_users_replay_budget(
     again = await clients.raw_hello(srv, "bob", since=0)  # the budget is the user's
     assert len(again.of_type("msg")) == 60
     assert len(waits) == 2 and waits[1] > 5.0
+
+
+async def test_readyz_does_not_wait_behind_users_reads(srv: Server) -> None:
+    """Every connection of the read pool busy (users' reads): /readyz still answers at
+    once, on a connection of its own."""
+    engine = srv.store._reads.engine  # type: ignore[attr-defined]
+    held = [await engine.connect() for _ in range(srv.store.pool_size)]  # type: ignore[attr-defined]
+    try:
+        async with asyncio.timeout(5):
+            status, body = await http_get(srv.port, "/readyz")
+        assert status == 200 and body.startswith("ready")
+    finally:
+        for conn in held:
+            await conn.close()
