@@ -213,7 +213,8 @@ def _event_from(user: str, mp: RowMapping) -> Event:
 
 
 def _convs_query(user: str, limit: int) -> Select[Any]:
-    """The user's conversations with the peer's marks, newest last message first."""
+    """The user's conversations with the peer's marks, newest last message first: a
+    range of the (user_id, last_ts, last_mid) index, `limit` rows long."""
     me = members.alias("me")
     other = members.alias("other")
     return (
@@ -232,6 +233,6 @@ def _convs_query(user: str, limit: int) -> Select[Any]:
             )
         )
         .where(me.c.user_id == user, convs.c.last_seq > 0)
-        .order_by(convs.c.last_ts.desc(), convs.c.last_mid.desc())
+        .order_by(me.c.last_ts.desc(), me.c.last_mid.desc())  # the member activity index
         .limit(limit)
     )

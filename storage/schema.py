@@ -73,8 +73,12 @@ members = Table(
     Column("read", BigInteger, nullable=False, server_default="0"),
     Column("last_recv_seq", BigInteger, nullable=False, server_default="0"),
     Column("unread", BigInteger, nullable=False, server_default="0"),
+    Column("last_ts", BigInteger, nullable=False, server_default="0"),
+    Column("last_mid", BigInteger, nullable=False, server_default="0"),
     PrimaryKeyConstraint("user_id", "conv"),
 )
+"""`last_ts` / `last_mid`: the conversation's last message, kept by a trigger on `convs`
+(migration 0003) and indexed per user, newest first: `convs` reads an index range."""
 
 messages = Table(
     "messages",

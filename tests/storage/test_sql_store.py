@@ -162,3 +162,37 @@ async def test_postgres_batches_commit_durably_whatever_the_default(pg_url: str)
         assert await conn.fetchval("SHOW synchronous_commit") == "off"  # its own only
     finally:
         await conn.close()
+
+
+async def test_convs_reads_an_index_range_not_a_sort(store_url: str) -> None:
+    """`convs limit:500` for a user with many conversations walks the member activity
+    index (user, last_ts, last_mid) newest first: no sort of all of them."""
+    s = SqlStore(store_url)
+    await s.open()
+    try:
+        for i in range(30):  # real conversations, through the writer (the trigger's path)
+            await send(s, "mallory", f"peer{i:03}", f"c{i}")
+        await send(s, "peer005", "mallory", "back")  # peer005 is now the newest
+        convs = await s.convs("mallory", 500)
+        assert [c.peer for c in convs[:2]] == ["peer005", "peer029"]
+        assert len(convs) == 30
+        plan = await _explain_convs(s, "mallory")
+    finally:
+        await s.close()
+    assert "ix_members_user_id_last_ts_last_mid" in plan, plan
+    assert "TEMP B-TREE" not in plan and "Sort" not in plan, plan
+
+
+async def _explain_convs(s: SqlStore, user: str) -> str:
+    from storage.reads import _convs_query
+
+    engine = s._reads.engine
+    assert engine is not None
+    query = _convs_query(user, 500).compile(engine, compile_kwargs={"literal_binds": True})
+    async with engine.connect() as conn:
+        if engine.dialect.name == "sqlite":
+            rows = await conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {query}")
+            return "\n".join(str(r[-1]) for r in rows)
+        await conn.exec_driver_sql("SET enable_seqscan = off")  # a small table: as if big
+        rows = await conn.exec_driver_sql(f"EXPLAIN {query}")
+        return "\n".join(str(r[0]) for r in rows)
