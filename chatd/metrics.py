@@ -366,3 +366,23 @@ class _StoreCollector(Collector):
             stats.batch_sizes,
             ops,
         )
+        yield _histogram(
+            "chatd_storage_commit_seconds",
+            "Time of one group commit (a transaction of writes), retries included",
+            stats.commit_bounds,
+            stats.commit_counts,
+            stats.commit_seconds,
+        )
+        yield CounterMetricFamily(
+            "chatd_storage_retries",
+            "Transactions tried again (deadlock, serialization failure, lost unique race)",
+            value=stats.retries,
+        )
+        failed = CounterMetricFamily(
+            "chatd_storage_batch_failures",
+            "Failed transactions by kind (unavailable: nothing stored; rejected: a value)",
+            labels=["kind"],
+        )
+        for kind, n in stats.failures:
+            failed.add_metric([kind], n)
+        yield failed

@@ -174,6 +174,19 @@ class StoreStats:
     """Transactions by size: `batch_sizes[i]` counts those with
     batch_bounds[i-1] < writes <= batch_bounds[i]; the last one counts those above all."""
 
+    commit_bounds: tuple[float, ...] = ()
+    """Upper bounds (seconds) of the buckets of `commit_counts`."""
+    commit_counts: tuple[int, ...] = ()
+    """Committed transactions by how long their commit took (the last: above all)."""
+    commit_seconds: float = 0.0
+    """The time those commits took, in all."""
+    retries: int = 0
+    """Transactions tried again after a deadlock, a serialization failure or a lost
+    unique race (PostgreSQL, several writers)."""
+    failures: tuple[tuple[str, int], ...] = ()
+    """Failed transactions by kind: `unavailable` (the database failed: nothing stored)
+    and `rejected` (it refused a value: run again one write at a time)."""
+
     @property
     def batches(self) -> int:
         """Transactions committed."""

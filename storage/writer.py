@@ -34,6 +34,7 @@ import asyncio
 import bisect
 import logging
 import math
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import ClassVar
 
@@ -60,6 +61,10 @@ class GroupCommitWriter:
 
     BATCH_SIZE_BOUNDS: ClassVar[tuple[int, ...]] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
     """Upper bounds of the buckets of `batch_sizes` (ops per transaction)."""
+    COMMIT_BOUNDS: ClassVar[tuple[float, ...]] = (
+        0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0,
+    )  # fmt: skip
+    """Upper bounds (seconds) of the buckets of the commit times."""
 
     def __init__(
         self, commit: Commit, *, max_batch: int, commit_window: float, concurrency: int = 1
@@ -83,6 +88,10 @@ class GroupCommitWriter:
         #: BATCH_SIZE_BOUNDS[i-1] < ops <= BATCH_SIZE_BOUNDS[i] (the last: above all).
         self.batched_ops = 0
         self.batch_sizes = [0] * (len(self.BATCH_SIZE_BOUNDS) + 1)
+        self._commit_counts = [0] * (len(self.COMMIT_BOUNDS) + 1)
+        self._commit_seconds = 0.0
+        self._retries = 0
+        self._failures = {"unavailable": 0, "rejected": 0}
 
     @property
     def batches(self) -> int:
@@ -90,7 +99,16 @@ class GroupCommitWriter:
         return sum(self.batch_sizes)
 
     def stats(self) -> StoreStats:
-        return StoreStats(self.batched_ops, self.BATCH_SIZE_BOUNDS, tuple(self.batch_sizes))
+        return StoreStats(
+            self.batched_ops,
+            self.BATCH_SIZE_BOUNDS,
+            tuple(self.batch_sizes),
+            self.COMMIT_BOUNDS,
+            tuple(self._commit_counts),
+            self._commit_seconds,
+            self._retries,
+            tuple(self._failures.items()),
+        )
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -193,6 +211,7 @@ class GroupCommitWriter:
 
     async def _run_batch(self, batch: list[Op]) -> None:
         """Commit `batch` and answer its ops, whatever happens."""
+        started = time.perf_counter()
         try:
             results = await self._commit_retrying(batch)
         except asyncio.CancelledError:  # the writer is being stopped: answer the batch, stop
@@ -202,6 +221,9 @@ class GroupCommitWriter:
         except Exception as error:
             await self._batch_failed(batch, error)
             return
+        took = time.perf_counter() - started
+        self._commit_seconds += took
+        self._commit_counts[bisect.bisect_left(self.COMMIT_BOUNDS, took)] += 1
         self.batched_ops += len(batch)
         self.batch_sizes[bisect.bisect_left(self.BATCH_SIZE_BOUNDS, len(batch))] += 1
         answer(batch, results)
@@ -216,12 +238,14 @@ class GroupCommitWriter:
                 code = sqlstate(exc)
                 if code not in RETRYABLE_SQLSTATES or attempt >= _RETRIES:
                     raise
+            self._retries += 1
             log.info("storage batch retry after %s (attempt %d)", code, attempt)
             attempt += 1
 
     async def _batch_failed(self, batch: list[Op], error: Exception) -> None:
         """Answer the ops of a batch whose transaction failed with `error`."""
         refused = is_data_error(error)
+        self._failures["rejected" if refused else "unavailable"] += 1
         if is_driver_error(error) or isinstance(error, StorageUnavailable) or refused:
             log.warning("storage batch of %d failed: %s", len(batch), type(error).__name__)
         else:

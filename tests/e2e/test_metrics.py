@@ -68,6 +68,11 @@ async def test_metrics_move_by_exactly_the_traffic(
     assert delta(before, after, "chatd_broker_lag_seconds_count") == 6
     assert value(after, "chatd_broker_dropped_total") == 0
     assert value(after, "chatd_storage_batched_ops_total") >= 3
+    # every committed transaction is timed: as many commits as batches
+    batches = delta(before, after, "chatd_storage_batches_total")
+    assert batches >= 1 and delta(before, after, "chatd_storage_commit_seconds_count") == batches
+    assert value(after, "chatd_storage_retries_total") == 0
+    assert value(after, "chatd_storage_batch_failures_total", kind="unavailable") == 0
     assert value(after, "chatd_outbox_frames") == 0
     assert value(after, "chatd_outbox_limit") == 2000
 
