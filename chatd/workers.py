@@ -13,6 +13,7 @@ signal kills them at once).
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -29,6 +30,7 @@ log = logging.getLogger("chatd.workers")
 
 __all__ = ["run_workers"]
 
+_PR_SET_PDEATHSIG = 1
 _RESTART_PAUSE = 1.0
 """Seconds between two starts of one worker (a worker that dies at once is not spun)."""
 
@@ -56,7 +58,7 @@ class _Group:
             *("--workers", "1", "--reuse-port", "true", "--port", str(self.port)),
             *("--node-id", node, "--migrate", "false"),
         ]
-        proc = subprocess.Popen(cmd)
+        proc = subprocess.Popen(cmd, preexec_fn=_die_with_parent)
         self.procs[i] = proc
         self.started[i] = time.monotonic()
         log.info("worker %d (node %s) started, pid %d", i, node, proc.pid)
@@ -104,6 +106,14 @@ def run_workers(config: Config, argv: Sequence[str]) -> int:
     )
     log.info("pid %d supervises %d workers", os.getpid(), config.workers)
     return group.supervise()
+
+
+def _die_with_parent() -> None:
+    """In the worker, before exec: SIGTERM when the supervisor dies, however it dies
+    (Linux), so that no worker outlives its group."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _without_port(argv: Sequence[str]) -> list[str]:

@@ -80,9 +80,13 @@ def supervisor(pg_url: str) -> Iterator[_Supervisor]:
     try:
         yield sup
     finally:
-        if sup.proc.poll() is None:
-            sup.proc.kill()  # our own process, by its handle
-            sup.proc.wait(timeout=_DEADLINE)
+        if sup.proc.poll() is None:  # our own process, by its handle: its workers too
+            sup.proc.send_signal(signal.SIGTERM)
+            try:
+                sup.proc.wait(timeout=_DEADLINE)
+            except subprocess.TimeoutExpired:
+                sup.proc.kill()  # the workers die with it (PR_SET_PDEATHSIG)
+                sup.proc.wait(timeout=_DEADLINE)
 
 
 def _worker_pids(sup: _Supervisor, count: int) -> list[int]:
@@ -135,3 +139,13 @@ async def test_a_worker_that_dies_is_restarted(supervisor: _Supervisor) -> None:
         assert (await c.hello(_token("after")))["t"] == "welcome"
     finally:
         await c.close()
+
+
+def test_workers_die_with_a_killed_supervisor(supervisor: _Supervisor) -> None:
+    supervisor.wait_for(r"chatd: 2 workers on")
+    workers = [psutil.Process(pid) for pid in _worker_pids(supervisor, 2)]
+    supervisor.wait_for(r"chatd listening on", 2)
+    supervisor.proc.kill()  # SIGKILL: it cannot pass anything on
+    supervisor.proc.wait(timeout=_DEADLINE)
+    _gone, alive = psutil.wait_procs(workers, timeout=_DEADLINE)
+    assert alive == [], "a worker outlived its supervisor"
