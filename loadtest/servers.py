@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import re
 import resource
@@ -30,11 +31,16 @@ them ignores it (a flag it does not know would stop it), so `ab` can run old tre
 
 
 def _raise_nofile() -> None:
+    """In the server, before exec: the most open files allowed, and SIGTERM when the
+    load tester dies (Linux), so that no bench server outlives a crashed run."""
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY:
         hard = 1 << 20
     with contextlib.suppress(ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 class ServerProc:
