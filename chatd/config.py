@@ -98,6 +98,8 @@ class Config:
     """Share of max_connections for connections that have not said `hello` yet."""
     open_timeout: float = 5.0
     """Seconds a new TCP connection has to complete the WebSocket upgrade."""
+    db_writers: int = 1
+    """PostgreSQL: group commits in flight at once, each on a connection of its own."""
     group_commit: bool = True
     max_batch: int = 256
     commit_window_ms: float = 5.0
@@ -215,6 +217,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_connections", int, "connections held at most (0: from the open-file limit)"),
     Option("pending_share", float, "share of max_connections for those before hello"),
     Option("open_timeout", float, "seconds to complete the WebSocket upgrade"),
+    Option("db_writers", int, "PostgreSQL: group commits in flight at once (connections)"),
     Option("group_commit", _bool, "batch concurrent writes into one transaction"),
     Option("max_batch", int, "most writes in one group commit"),
     Option("commit_window_ms", float, "ms between the starts of two group commits at least"),
@@ -295,6 +298,8 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"log_format {cfg.log_format!r}: 'plain' or 'json'")
     if not 0.0 <= cfg.drain_grace <= 300.0:
         raise ConfigError("drain_grace must be between 0 and 300 seconds")
+    if not 1 <= cfg.db_writers <= 16:
+        raise ConfigError("db_writers must be between 1 and 16")
     if cfg.gc_young < 0:
         raise ConfigError("gc_young must be 0 or more")
     if not 0.0 <= cfg.commit_window_ms <= 100.0:

@@ -60,6 +60,7 @@ def build_store(config: Config) -> Store:
         group_commit=config.group_commit,
         max_batch=config.max_batch,
         commit_window=config.commit_window_ms / 1000.0,
+        writers=config.db_writers,
     )
 
 
