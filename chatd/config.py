@@ -98,8 +98,9 @@ class Config:
     """Share of max_connections for connections that have not said `hello` yet."""
     open_timeout: float = 5.0
     """Seconds a new TCP connection has to complete the WebSocket upgrade."""
-    db_writers: int = 1
-    """PostgreSQL: group commits in flight at once, each on a connection of its own."""
+    db_writers: int = 2
+    """PostgreSQL: group commits in flight at once, each on a connection of its own (2:
+    one commits while the next is formed and sent; measured in loadtest/README.md)."""
     group_commit: bool = True
     max_batch: int = 256
     commit_window_ms: float = 5.0
