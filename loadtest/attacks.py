@@ -98,7 +98,11 @@ async def _flood(url: str, secret: str, make: Callable[[int], bytes], stop: asyn
     limit), reading what comes back; it reconnects when the server closes it."""
     sent = 0
     while not stop.is_set():
-        ws = await _hello(url, secret, "mallory", device=f"d{secrets.token_hex(3)}")
+        try:
+            ws = await _hello(url, secret, "mallory", device=f"d{secrets.token_hex(3)}")
+        except Exception:  # e.g. refused while its last connection is still closing
+            await asyncio.sleep(0.1)
+            continue
         reader = asyncio.create_task(_drain(ws))
         t0, n = time.monotonic(), 0
         try:
