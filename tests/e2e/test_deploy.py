@@ -60,3 +60,18 @@ async def test_every_queried_metric_is_exported_by_a_live_node(
     assert len(queried) >= 25
     missing = sorted(queried - exported - _PROMETHEUS_OWN)
     assert not missing, f"queried but not exported: {missing}"
+
+
+def test_compose_wires_prometheus_and_grafana_to_the_deploy_files() -> None:
+    import yaml
+
+    services = yaml.safe_load((DEPLOY.parent / "compose.yaml").read_text())["services"]
+    mounts = [
+        v.split(":")[0] for name in ("prometheus", "grafana") for v in services[name]["volumes"]
+    ]
+    for path in mounts:
+        assert (DEPLOY.parent / path).is_file(), path
+    assert "./deploy/alerts.yml" in mounts and "./deploy/grafana-dashboard.json" in mounts
+    targets = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())["scrape_configs"][0]
+    nodes = sorted(n for n in services if n.startswith("chatd"))
+    assert targets["static_configs"][0]["targets"] == [f"{n}:8765" for n in nodes]
