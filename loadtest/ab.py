@@ -29,12 +29,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
+
+import psutil  # type: ignore[import-untyped,unused-ignore]
 
 from .bench_server import issue2_trace
 from .procstat import MachineBusy, PostgresCpu
 from .report import build_report
 from .runner import ReplayOptions, run_replay
-from .servers import start_chatd, start_relay
+from .servers import ServerProc, start_chatd, start_relay
 from .trace import Trace
 
 __all__ = ["Build", "parse_builds", "run_ab"]
@@ -46,11 +49,22 @@ class Build:
     tree: Path | None
     """None: the bare websockets relay (`loadtest/relay.py`), not a chatd build."""
     extra: list[str] = field(default_factory=list)
+    nodes: int = 1
+    """Nodes served at once (> 1: a fleet; `extra` names the Redis broker and PostgreSQL);
+    user i connects to node i % nodes, so every pair of the trace spans two nodes."""
 
 
-def parse_builds(builds: list[str], extras: list[str], relay: bool = False) -> list[Build]:
+def parse_builds(
+    builds: list[str], extras: list[str], relay: bool = False, nodes: list[str] | None = None
+) -> list[Build]:
     """`NAME=DIR` builds and `NAME=FLAGS` extras -> Builds (and the relay, last, when
     `relay`); ValueError when malformed."""
+    counts: dict[str, int] = {}
+    for n in nodes or []:
+        name, sep, digits = n.partition("=")
+        if not sep or not digits.isdigit() or int(digits) < 1:
+            raise ValueError(f"--nodes {n!r}: expected NAME=N")
+        counts[name] = int(digits)
     flags: dict[str, list[str]] = {}
     for e in extras:
         name, sep, args = e.partition("=")
@@ -65,9 +79,14 @@ def parse_builds(builds: list[str], extras: list[str], relay: bool = False) -> l
             raise ValueError(f"--build {b!r}: expected NAME=DIR")
         if not (path / "chatd" / "__init__.py").is_file():
             raise ValueError(f"--build {b!r}: {path} holds no chatd package")
-        out.append(Build(name, path, flags.pop(name, [])))
-    if flags:
-        raise ValueError(f"--extra for unknown builds: {', '.join(sorted(flags))}")
+        extra = flags.pop(name, [])
+        count = counts.pop(name, 1)
+        if count > 1 and not any(a.startswith("redis") for a in extra):
+            raise ValueError(f"--nodes {name}={count}: its --extra needs --broker redis://...")
+        out.append(Build(name, path, extra, count))
+    if flags or counts:
+        unknown = ", ".join(sorted({*flags, *counts}))
+        raise ValueError(f"--extra or --nodes for unknown builds: {unknown}")
     if relay:
         out.append(Build("relay", None))
     if len({b.name for b in out}) != len(out):
@@ -176,27 +195,28 @@ def _run_one(
     extra: list[str],
     pg: PostgresCpu | None,
 ) -> dict[str, Any]:
-    """One replay of `trace` against build `b` (served with `extra`): its row, printed."""
-    srv = (
-        start_relay()
-        if b.tree is None
-        else start_chatd(td / f"{b.name}-{r}.db", secret, extra=extra, tree=b.tree)
-    )
+    """One replay of `trace` against build `b` (served with `extra`, on `b.nodes` nodes):
+    its row, printed."""
+    srvs = _start(b, r, secret, td, extra)
     busy = MachineBusy()
+    redis = RedisCpu(extra)
     try:
-        cpu0 = srv.cpu_s()
+        cpu0 = [srv.cpu_s() for srv in srvs]
         busy.start()
+        redis.start()
         if pg is not None:
             pg.start()
-        raw = run_replay(
-            trace,
-            ReplayOptions(urls=[srv.url], jwt_secret=secret, drain_timeout=30.0, progress=False),
+        opts = ReplayOptions(
+            urls=[srv.url for srv in srvs], jwt_secret=secret, drain_timeout=30.0, progress=False
         )
-        cpu = srv.cpu_s() - cpu0
+        raw = run_replay(trace, opts)
+        cpu = sum(srv.cpu_s() - c for srv, c in zip(srvs, cpu0, strict=True))
         pg_s = None if pg is None else pg.seconds()  # before the backends exit
+        redis_s = redis.seconds()
         machine = busy.share()
     finally:
-        srv.stop()
+        for srv in srvs:
+            srv.stop()
     rep = build_report(raw, name=f"{b.name}-r{r}", server={"cpu_s": round(cpu, 3)})
     lat = rep["latency_ms"]["delivery_live"]
     row = {
@@ -210,12 +230,15 @@ def _run_one(
         "send_msg_p99": lat.get("p99"),
         "ok": rep["verdict"]["ok"],
         "pg_us_per_msg": _per_msg(pg_s, rep),
+        "redis_us_per_msg": _per_msg(redis_s, rep),
+        "nodes": b.nodes,
         "machine_busy": round(machine, 3),
     }
     print(
         f"{b.name:>12} r{r}  achieved {row['achieved']:>8,.1f} msg/s  "
         f"server {row['server_us_per_msg']} µs/msg  "
         + (f"postgres {row['pg_us_per_msg']} µs/msg  " if pg is not None else "")
+        + (f"redis {row['redis_us_per_msg']} µs/msg  " if redis_s is not None else "")
         + f"machine busy {machine:.0%}  "
         f"send->msg p50 {row['send_msg_p50']} p99 {row['send_msg_p99']} ms  "
         f"tester saturated {'YES' if row['tester_saturated'] else 'no'}  "
@@ -223,3 +246,47 @@ def _run_one(
         flush=True,
     )
     return row
+
+
+def _start(b: Build, r: int, secret: str, td: Path, extra: list[str]) -> list[ServerProc]:
+    """The relay, or the build's node(s): the first migrates, the others join it."""
+    if b.tree is None:
+        return [start_relay()]
+    db = td / f"{b.name}-{r}.db"
+    if b.nodes == 1:
+        return [start_chatd(db, secret, extra=extra, tree=b.tree)]
+    srvs: list[ServerProc] = []
+    try:
+        for i in range(b.nodes):
+            more = ["--node-id", f"{b.name}-{i}"] + (["--migrate", "false"] if i else [])
+            srvs.append(start_chatd(db, secret, extra=[*extra, *more], tree=b.tree))
+    except BaseException:
+        for srv in srvs:
+            srv.stop()
+        raise
+    return srvs
+
+
+class RedisCpu:
+    """The CPU of the redis-server a build's `--broker redis://HOST:PORT` names, when it
+    runs on this machine (found by its listening port); None otherwise."""
+
+    def __init__(self, extra: list[str]) -> None:
+        self._proc: psutil.Process | None = None
+        self._t0 = 0.0
+        port = next((urlsplit(a).port or 6379 for a in extra if a.startswith("redis://")), None)
+        if port is None:
+            return
+        for conn in psutil.net_connections("tcp"):
+            if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port and conn.pid:
+                self._proc = psutil.Process(conn.pid)
+                return
+
+    def start(self) -> None:
+        if self._proc is not None:
+            self._t0 = float(sum(self._proc.cpu_times()[:2]))
+
+    def seconds(self) -> float | None:
+        if self._proc is None:
+            return None
+        return float(sum(self._proc.cpu_times()[:2])) - self._t0

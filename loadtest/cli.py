@@ -132,6 +132,13 @@ def _parser() -> argparse.ArgumentParser:
         "--extra", action="append", default=[], help="NAME='--flag value': serve flags of a build"
     )
     ab.add_argument(
+        "--nodes",
+        action="append",
+        default=[],
+        help="NAME=N: serve that build on N nodes joined by its --broker redis://... "
+        "(user i on node i %% N: every pair spans two nodes)",
+    )
+    ab.add_argument(
         "--relay",
         action="store_true",
         help="also run loadtest/relay.py (the same frames, nothing stored) in every round",
@@ -195,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .ab import parse_builds, run_ab
 
         try:
-            builds = parse_builds(a.build, a.extra, relay=a.relay)
+            builds = parse_builds(a.build, a.extra, relay=a.relay, nodes=a.nodes)
         except ValueError as exc:
             print(f"chatd-loadtest: {exc}", file=sys.stderr)
             return 2

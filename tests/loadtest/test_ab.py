@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,23 @@ def test_a_server_starts_with_a_secret_that_looks_like_a_flag(tmp_path: Path) ->
         assert srv.url.startswith("ws://127.0.0.1:")
     finally:
         srv.stop()
+
+
+def test_nodes_need_a_redis_broker() -> None:
+    with pytest.raises(ValueError, match="NAME=N"):
+        parse_builds([f"a={ROOT}"], [], nodes=["a=zero"])
+    with pytest.raises(ValueError, match="needs --broker redis"):
+        parse_builds([f"a={ROOT}"], [], nodes=["a=2"])
+    with pytest.raises(ValueError, match="unknown builds"):
+        parse_builds([f"a={ROOT}"], [], nodes=["b=2"])
+
+
+def test_a_build_on_two_nodes_spans_them_and_counts_redis(tmp_path: Path, pg_url: str) -> None:
+    """Two nodes of one build on a PostgreSQL database and the machine's Redis (a prefix
+    of its own): every pair spans both, every message arrives once, in order."""
+    extra = f"two=--db {pg_url} --broker redis://127.0.0.1:6379/0 --broker-prefix ab-{os.getpid()}:"
+    builds = parse_builds([f"two={ROOT}"], [extra], nodes=["two=2"])
+    assert builds[0].nodes == 2
+    assert run_ab(builds, tmp_path, rate=40.0, duration=1.5, rounds=1, users=10) == 0
+    (run,) = json.loads((tmp_path / "ab.json").read_text())["runs"]
+    assert run["ok"] and run["nodes"] == 2 and run["redis_us_per_msg"] is not None
