@@ -250,6 +250,7 @@ class Requests:
             self.fail(f.id, exc)
 
     def _start_send(self, f: Send) -> None:
+        started = time.perf_counter()  # the frame is read: `chatd_send_seconds` starts
         wait = self.state.sends.take(time.monotonic())
         refused: FrameError | None = None
         if wait > 0.0:
@@ -277,7 +278,6 @@ class Requests:
                 self.out.own_done(f.cmid, pend, None)
             raise
         self._in_flight.add(fut)
-        started = time.perf_counter()
         fut.add_done_callback(lambda done: self._send_done(f, pend, started, done))
 
     async def _dup_or_refuse(self, f: Send, refused: FrameError, took: bool) -> None:

@@ -272,10 +272,11 @@ class Outbox:
         seq = self.seq
         out: list[bytes] = []
         for item in items:
-            out.extend(seq.push(item, time.monotonic()))
+            now = time.monotonic()
+            out.extend(seq.push(item, now))
             if seq.settled:
                 self._settle()
-            gap = seq.gap(time.monotonic())
+            gap = seq.gap(now)
             if gap is not None:
                 if out:
                     await self.ws.write(out)

@@ -96,10 +96,9 @@ class Sequencer:
     def ready(self, item: Item) -> bool:
         """True when `push(item)` writes it at once with nothing held: a caller may then
         write its frames without queueing them (the hot path)."""
-        kind, cur = item[0], item[1]
-        if kind == PLAIN or cur == 0:
-            return not self._held
-        return cur <= self.last + 1 and not self._held
+        if self._held:
+            return False
+        return item[0] == PLAIN or item[1] == 0 or item[1] <= self.last + 1
 
     def push(self, item: Item, now: float) -> list[bytes]:
         """The frames to write now for `item`, in order (with the held items it releases);
