@@ -37,18 +37,17 @@ import asyncio
 import contextlib
 import logging
 import math
-import random
 import secrets
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
 
 import msgpack
-from redis.asyncio.connection import AbstractConnection, Connection, parse_url
+from redis.asyncio.connection import AbstractConnection
 
 from .broker import BrokerStats, BrokerUnavailable, Deliver, LiveEvent, Resync
 from .broker_subs import Subscriptions, resolve
+from .redis_link import settings, supervise, why
 
 __all__ = ["SUBSCRIBE_BATCH", "RedisBroker"]
 
@@ -59,12 +58,6 @@ SUBSCRIBE_BATCH = 512
 
 _READY = b"r"
 _PUBSUB, _PUBLISH = "pubsub", "publish"
-
-
-def _why(exc: BaseException) -> str:
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _unpack(payload: bytes) -> tuple[float, LiveEvent] | None:
@@ -97,7 +90,7 @@ class RedisBroker:
         self.node_id = node_id or secrets.token_hex(6)
         if not self.node_id.isprintable() or " " in self.node_id:
             raise ValueError(f"node id {self.node_id!r}: printable, without spaces")
-        self._conn_class, self._conn_kwargs, self._where = _settings(url)
+        self._conn_class, self._conn_kwargs, self._where = settings(url)
         self._user_prefix = f"{prefix}u:".encode()
         self._ctl = f"{prefix}ctl".encode()
         self._max_queue, self._max_batch = max_queue, max_batch
@@ -365,54 +358,10 @@ class RedisBroker:
             self._dropped += len(batch)
             resolve(pings, BrokerUnavailable("redis publish connection failed"))
             if not isinstance(exc, asyncio.CancelledError):
-                log.warning("broker dropped %d events: %s", len(batch), _why(exc))
+                log.warning("broker dropped %d events: %s", len(batch), why(exc))
             raise
         self._published += len(batch)
         if notice:
             self._announced = dropped
             self._next_notice = time.monotonic() + self._ping_interval
         resolve(pings)
-
-
-async def supervise(
-    connect: Callable[[], AbstractConnection],
-    session: Callable[[AbstractConnection], Awaitable[None]],
-    up: asyncio.Event,
-    what: str,
-    timeout: float,
-    backoff: tuple[float, float],
-    lost: Callable[[], None],
-) -> None:
-    """Run `session` on a new connection from `connect` each time the last one fails,
-    with jittered backoff; `lost` is called when a connection that was up (`up` set
-    by the session) is lost."""
-    delay = backoff[0]
-    while True:
-        conn = connect()
-        try:
-            async with asyncio.timeout(timeout):  # connect and handshake
-                await conn.connect()  # type: ignore[no-untyped-call]
-            await session(conn)
-        except Exception as exc:  # loud once when lost, quiet while away
-            level = logging.WARNING if up.is_set() else logging.DEBUG
-            log.log(level, "%s lost: %s", what, _why(exc))
-        finally:
-            with contextlib.suppress(Exception):
-                await conn.disconnect(nowait=True)
-        if up.is_set():
-            up.clear()
-            lost()
-            delay = backoff[0]
-        await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-        delay = min(delay * 2, backoff[1])
-
-
-def _settings(url: str) -> tuple[Callable[..., AbstractConnection], dict[str, Any], str]:
-    """(connection class, its arguments, host:port for logs) for a redis:// URL."""
-    kwargs: dict[str, Any] = dict(parse_url(url))
-    conn_class: Callable[..., AbstractConnection] = kwargs.pop("connection_class", Connection)
-    where = f"{kwargs.get('host', kwargs.get('path'))}:{kwargs.get('port', '')}"
-    # protocol 2: pub/sub messages as plain replies, not RESP3 pushes. No
-    # socket_timeout: redis-py would then write through wait_for(), which on
-    # Python 3.11 can swallow a cancel; our own timeouts bound every I/O.
-    return conn_class, kwargs | {"protocol": 2, "socket_timeout": None}, where

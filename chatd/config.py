@@ -71,6 +71,9 @@ class Config:
     """With the Redis broker: how long an event above a gap waits for the missing ones
     (two nodes may deliver out of order) before they are read from storage. (The
     in-process broker delivers in commit order: no window.)"""
+    fleet_limits: bool = True
+    """With the Redis broker: the send and typing rates and connections per user are
+    counted across the fleet in Redis (unreachable: each node's own limits apply)."""
     workers: int = 1
     """Processes serving one port (SO_REUSEPORT), joined by the Redis broker."""
     reuse_port: bool = False
@@ -203,6 +206,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("broker", str, "'memory' (one node) or redis://HOST:PORT/DB (many nodes)"),
     Option("broker_prefix", str, "prefix of this fleet's Redis channels"),
     Option("node_id", str, "this node's name in logs, metrics and envelopes (default host:pid)"),
+    Option("fleet_limits", _bool, "rates and connections per user across the fleet (Redis)"),
     Option("workers", int, "processes on one port, joined by the Redis broker (needs redis)"),
     Option("reuse_port", _bool, "listen with SO_REUSEPORT (set by --workers)"),
     Option("reorder_window_ms", float, "ms an event above a gap waits before a fill (Redis)"),

@@ -11,6 +11,7 @@ from .auth import Authenticator
 from .broker import Broker
 from .config import Config
 from .hub import Hub
+from .limits import FleetLimits
 from .metrics import Metrics
 
 __all__ = ["Context"]
@@ -24,3 +25,4 @@ class Context:
     hub: Hub
     auth: Authenticator
     metrics: Metrics
+    limits: FleetLimits

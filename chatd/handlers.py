@@ -14,7 +14,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from websockets.exceptions import ConnectionClosed
@@ -27,12 +27,8 @@ from protocol import (
     Mark,
     Send,
     Typing,
-    body_size,
-    conv_info_map,
-    convs_map,
     encode_map,
     error_map,
-    history_map,
     ok_map,
     sent_map,
     typing_map,
@@ -50,7 +46,9 @@ from storage.base import (
 from .broker import LiveEvent
 from .context import Context
 from .hub import UserState
+from .limits import Kind
 from .outbox import Outbox
+from .replies import convs_reply, history_reply
 from .sequencer import OWN_MARK, OWN_SENT
 from .wire import message_map, receipt_event_map
 
@@ -115,6 +113,10 @@ class Host(Protocol):
     def hold_writes(self, on: bool) -> None:
         """Hold the messages after this one while too many writes are in flight (or
         release them)."""
+
+    def hold_fleet(self, on: bool) -> None:
+        """Hold the messages after this one while the fleet's rate check of it is
+        answered (or release them)."""
 
 
 class _InFlight:
@@ -270,6 +272,47 @@ class Requests:
             # after it wait (a flood of refused sends cannot queue unbounded reads).
             self.host.hold_for(self.guard(f.id, self._dup_or_refuse(f, refused, took)))
             return
+        fleet = self.ctx.limits.take(Kind.SEND, self.user)
+        if fleet is None:
+            self._submit(f, started, False)
+        else:
+            self._after_fleet(f.id, fleet, lambda wait: self._fleet_send(f, started, wait))
+
+    def _after_fleet(
+        self, rid: Any, fut: asyncio.Future[float | None], then: Callable[[float | None], None]
+    ) -> None:
+        """Hold what follows until the fleet answers `fut`, then `then(answer)`: frames
+        keep their order (a send's `sent` and `seq`, typing before the message)."""
+        self.host.hold_fleet(True)
+        self._in_flight.add(fut)  # a drain waits for it like for a write
+
+        def answered(done: asyncio.Future[float | None]) -> None:
+            self._in_flight.discard(done)
+            try:
+                then(done.result())
+            except Exception as exc:
+                self.fail(rid, exc)
+            finally:  # after `then`: the next frame goes after this one
+                self.host.hold_fleet(False)
+
+        fut.add_done_callback(answered)
+
+    def _fleet_send(self, f: Send, started: float, wait: float | None) -> None:
+        """The fleet's answer to a send this node's bucket allowed."""
+        if not wait:  # allowed, or unanswered (this node's bucket decided)
+            self._submit(f, started, wait is not None)
+            return
+        self.state.sends.refund()
+        self.ctx.metrics.rate_limited["send"] += 1
+        refused = FrameError(
+            ErrorCode.RATE_LIMITED,
+            "too many messages; retry later",
+            retry_ms=max(1, math.ceil(wait * 1000)),
+        )
+        self.host.hold_for(self.guard(f.id, self._dup_or_refuse(f, refused, False)))
+
+    def _submit(self, f: Send, started: float, fleet_took: bool) -> None:
+        """Into the store; `_send_done` answers it."""
         pend = self.out.expect_own(f.cmid)
         try:
             fut = self.ctx.store.send(self.user, f.to, f.cmid, f.body, f.type, now_ms())
@@ -278,7 +321,7 @@ class Requests:
                 self.out.own_done(f.cmid, pend, None)
             raise
         self._in_flight.add(fut)
-        fut.add_done_callback(lambda done: self._send_done(f, pend, started, done))
+        fut.add_done_callback(lambda done: self._send_done(f, pend, started, fleet_took, done))
 
     async def _dup_or_refuse(self, f: Send, refused: FrameError, took: bool) -> None:
         """A send refused here (over the send rate, or to oneself): a retry of a stored
@@ -292,18 +335,21 @@ class Requests:
         self.ctx.metrics.duplicates.inc()
         self.out.reply(_sent(f.id, prior.message, prior.sender_cur, dup=True))
 
-    def _refund_duplicate(self) -> None:
+    def _refund_duplicate(self, fleet_took: bool = False) -> None:
         """A duplicate stores nothing: it costs no send token while the user's budget of
         free duplicates lasts (an honest client's retries); past it, a loop of them
         costs like sends and is throttled like them."""
         if self.state.waste.take(time.monotonic()) == 0.0:
             self.state.sends.refund()
+            if fleet_took:
+                self.ctx.limits.refund(Kind.SEND, self.user)
 
     def _send_done(
         self,
         f: Send,
         pend: asyncio.Future[bytes | None] | None,
         started: float,
+        fleet_took: bool,
         fut: asyncio.Future[SendOutcome],
     ) -> None:
         self._in_flight.discard(fut)
@@ -319,7 +365,7 @@ class Requests:
             ctx.metrics.commit_seconds.observe(time.perf_counter() - started)
             m = out.message
             if out.dup:
-                self._refund_duplicate()
+                self._refund_duplicate(fleet_took)
                 ctx.metrics.duplicates.inc()
                 if pend is not None:
                     self.out.own_done(f.cmid, pend, None)
@@ -423,15 +469,33 @@ class Requests:
             raise FrameError(ErrorCode.BAD_REQUEST, "cannot type to yourself", f.id)
         wait = self.state.typing.take(time.monotonic())
         if wait > 0.0:
-            self.ctx.metrics.rate_limited["typing"] += 1
-            if f.id is not None:
-                raise FrameError(
-                    ErrorCode.RATE_LIMITED,
-                    "typing too often",
-                    f.id,
-                    retry_ms=max(1, math.ceil(wait * 1000)),
-                )
+            self._typing_refused(f, wait)
             return
+        fleet = self.ctx.limits.take(Kind.TYPING, self.user)
+        if fleet is None:
+            self._typing_go(f)
+        else:
+            self._after_fleet(f.id, fleet, lambda wait: self._fleet_typing(f, wait))
+
+    def _fleet_typing(self, f: Typing, wait: float | None) -> None:
+        if not wait:
+            self._typing_go(f)
+        else:
+            self.state.typing.refund()
+            self._typing_refused(f, wait)
+
+    def _typing_refused(self, f: Typing, wait: float) -> None:
+        """Over the typing rate: an error if it asked for an answer, else dropped."""
+        self.ctx.metrics.rate_limited["typing"] += 1
+        if f.id is not None:
+            raise FrameError(
+                ErrorCode.RATE_LIMITED,
+                "typing too often",
+                f.id,
+                retry_ms=max(1, math.ceil(wait * 1000)),
+            )
+
+    def _typing_go(self, f: Typing) -> None:
         data = encode_map(typing_map(self.user, f.on))
         self._publish([(f.to, LiveEvent(0, data))])
         if f.id is not None:
@@ -447,37 +511,3 @@ class Requests:
 
     async def _answer(self, reply: Awaitable[bytes]) -> None:
         self.out.reply(await reply)
-
-
-async def history_reply(ctx: Context, user: str, f: HistoryRequest) -> bytes:
-    """A `history` page: at most `limit` messages, and at most `history_bytes` of bodies."""
-    if f.with_ == user:
-        raise FrameError(ErrorCode.BAD_REQUEST, "'with' must be another user")
-    limits = ctx.config.limits
-    limit = f.limit if f.limit is not None else limits.history_default
-    if limit > limits.history_max:
-        raise FrameError(ErrorCode.BAD_REQUEST, f"'limit' is at most {limits.history_max}")
-    page = await ctx.store.history(user, f.with_, f.before, limit)
-    msgs: list[dict[str, Any]] = []
-    more = page.more
-    size = 0
-    for m in page.messages:  # newest first: a page cut short ends at an older `seq`
-        size += body_size(m.body)
-        if msgs and size > limits.history_bytes:
-            more = True
-            break
-        msgs.append(message_map(m, None))
-    return encode_map(history_map(f.id, page.conv, msgs, more, page.delivered, page.read))
-
-
-async def convs_reply(ctx: Context, user: str, f: ConvsRequest) -> bytes:
-    """The user's conversations, newest first, with unread counts."""
-    limits = ctx.config.limits
-    limit = f.limit if f.limit is not None else limits.convs_default
-    if limit > limits.convs_max:
-        raise FrameError(ErrorCode.BAD_REQUEST, f"'limit' is at most {limits.convs_max}")
-    rows = await ctx.store.convs(user, limit)
-    convs = [
-        conv_info_map(c.conv, c.peer, c.seq, c.ts, c.unread, c.delivered, c.read) for c in rows
-    ]
-    return encode_map(convs_map(f.id, convs))

@@ -13,6 +13,7 @@ from storage.base import Store
 from .broker import Broker, BrokerUnavailable, LiveEvent
 from .config import Policy
 from .errors import ChatdError
+from .limits import FleetLimits, NodeOnly
 from .ratelimit import TokenBucket
 
 log = logging.getLogger("chatd.hub")
@@ -57,8 +58,9 @@ class UserState:
 
 
 class Hub:
-    def __init__(self, broker: Broker, policy: Policy) -> None:
+    def __init__(self, broker: Broker, policy: Policy, fleet: FleetLimits | None = None) -> None:
         self._broker = broker
+        self._fleet: FleetLimits = fleet if fleet is not None else NodeOnly()
         self._policy = policy
         self._users: dict[str, UserState] = {}
         self._resting: dict[str, tuple[float, UserState]] = {}
@@ -102,11 +104,21 @@ class Hub:
 
     async def attach(self, session: Listener) -> UserState:
         """Register a session; it returns once the broker carries the user's events here.
-        Raises TooManyConnections over the per-user limit. A broker that cannot subscribe
+        Raises TooManyConnections over the per-user limit (this node's count first, then
+        the fleet's, see `limits`). A broker that cannot subscribe
         now does not stop it (see below)."""
-        state = self.user_state(session.user)
-        if len(state.sessions) >= self._policy.max_connections_per_user:
-            raise TooManyConnections(session.user)
+        user = session.user
+        most = self._policy.max_connections_per_user
+        here = self._users.get(user)
+        if here is not None and len(here.sessions) >= most:  # this node's count: at once
+            raise TooManyConnections(user)
+        counted = await self._fleet.connect(user)  # the fleet's (None: unanswered)
+        if counted is False:
+            raise TooManyConnections(user)
+        state = self.user_state(user)  # (the user may have left and come back meanwhile)
+        if len(state.sessions) >= most:
+            self._fleet.disconnect(user)
+            raise TooManyConnections(user)
         state.sessions.add(session)
         try:
             # Every attach waits for the subscription (idempotent): a second device that
@@ -126,6 +138,7 @@ class Hub:
         if state is None or session not in state.sessions:
             return
         state.sessions.discard(session)
+        self._fleet.disconnect(session.user)
         if not state.sessions:
             del self._users[session.user]
             now = time.monotonic()

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from .connection import ChatConnection
 
-__all__ = ["HOLD_HELLO", "HOLD_READ", "HOLD_WRITES", "Inbox"]
+__all__ = ["HOLD_FLEET", "HOLD_HELLO", "HOLD_READ", "HOLD_WRITES", "Inbox"]
 
 HOLD_HELLO = 1
 """`welcome` is not sent yet: messages wait for the hello loop (`next()`)."""
@@ -21,6 +21,8 @@ HOLD_READ = 2
 """A read request is being answered: later messages wait for its answer."""
 HOLD_WRITES = 4
 """Too many writes of this connection in flight: later messages wait."""
+HOLD_FLEET = 8
+"""The fleet's rate check of a message is awaited (see `limits`): later messages wait."""
 
 _PAUSE_AT = 64
 """Waiting messages at which the socket stops being read (resumed at half)."""

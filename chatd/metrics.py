@@ -34,6 +34,7 @@ from protocol import ErrorCode
 from storage.base import Store
 
 from .broker import Broker
+from .limits import FleetLimits
 
 __all__ = ["LATENCY_BOUNDS", "Buckets", "Metrics", "NodeRegistry"]
 
@@ -254,6 +255,10 @@ class Metrics:
         """Export the broker's counters (`Broker.stats()`), read at scrape time."""
         self._inner.register(_Scrape(lambda: _broker_metrics(broker)))
 
+    def watch_limits(self, limits: FleetLimits) -> None:
+        """Export the fleet limits' counters (`FleetLimits.stats()`), read at scrape time."""
+        self._inner.register(_Scrape(lambda: _limits_metrics(limits)))
+
     def watch_hub(self, hub: HubView, outbox: Callable[[], tuple[int, int]], limit: int) -> None:
         """Export users online, devices per user and outbox depths (`outbox()`: frames
         queued for all connections, and for the fullest one) at scrape time."""
@@ -318,6 +323,28 @@ def _broker_metrics(broker: Broker) -> Iterator[Metric]:
         yield CounterMetricFamily(f"chatd_broker_{name}", doc, value=value)
     yield GaugeMetricFamily("chatd_broker_queued", "Events waiting to be published", s.queued)
     yield GaugeMetricFamily("chatd_broker_channels", "Users subscribed on this node", s.channels)
+
+
+def _limits_metrics(limits: FleetLimits) -> Iterator[Metric]:
+    s = limits.stats()
+    yield GaugeMetricFamily(
+        "chatd_fleet_limits_up", "1: the fleet's limits answer; 0: this node's apply", s.up
+    )
+    checks = CounterMetricFamily(
+        "chatd_fleet_limit_checks",
+        "Rate and connection checks of the fleet limits, by result",
+        labels=["result"],
+    )
+    for result, value in (
+        ("allowed", s.allowed),
+        ("refused", s.refused),
+        ("unanswered", s.unanswered),
+    ):
+        checks.add_metric([result], value)
+    yield checks
+    yield CounterMetricFamily(
+        "chatd_fleet_limits_reconnects", "Fleet limit connections lost", value=s.reconnects
+    )
 
 
 def _hub_metrics(

@@ -27,13 +27,14 @@ from .connection import ChatConnection, connection_class
 from .context import Context
 from .errors import ConfigError
 from .hub import Hub
+from .limits import FleetLimits, NodeOnly
 from .metrics import Metrics
 from .positions import Positions
 from .session import Session
 
 log = logging.getLogger("chatd.server")
 
-__all__ = ["Server", "authenticator_for", "build_broker", "build_store"]
+__all__ = ["Server", "authenticator_for", "build_broker", "build_limits", "build_store"]
 
 
 def authenticator_for(config: Config) -> Authenticator:
@@ -76,6 +77,17 @@ def build_broker(config: Config) -> Broker:
     raise ConfigError(f"unknown broker {config.broker!r}: 'memory' or a redis:// URL")
 
 
+def build_limits(config: Config) -> FleetLimits:
+    """Fleet-wide limits in the fleet's Redis, unless one node or --fleet-limits false."""
+    if config.broker == "memory" or not config.fleet_limits:
+        return NodeOnly()
+    from .limits_redis import RedisLimits
+
+    return RedisLimits(
+        config.broker, config.policy, prefix=config.broker_prefix, node_id=config.node
+    )
+
+
 class Server:
     def __init__(
         self,
@@ -89,20 +101,28 @@ class Server:
         self.metrics = Metrics(config.node_id)  # a `node` label when --node-id is set
         self.store = store if store is not None else build_store(config)
         self.broker = broker if broker is not None else build_broker(config)
-        self.hub = Hub(self.broker, config.policy)
+        self.limits = build_limits(config)
+        self.hub = Hub(self.broker, config.policy, self.limits)
         local = config.broker == "memory" and broker is None
         self.positions = Positions(
             self.hub, self.store, None if local else config.position_interval
         )
         self.metrics.watch_store(self.store)
         self.metrics.watch_broker(self.broker)
+        self.metrics.watch_limits(self.limits)
         self._sessions: set[Session] = set()
         self.metrics.watch_hub(self.hub, self._outbox_depth, config.outbox_limit)
         self._lag_hook = _hook_lag(self.broker, self.metrics)
         self.metrics.draining.set_function(lambda: float(self.draining))
         self.admission = _admission(config, self.metrics)
         self.ctx = Context(
-            config, self.store, self.broker, self.hub, authenticator_for(config), self.metrics
+            config,
+            self.store,
+            self.broker,
+            self.hub,
+            authenticator_for(config),
+            self.metrics,
+            self.limits,
         )
         self._ws: WsServer | None = None
         self._ids = itertools.count(1)
@@ -127,6 +147,7 @@ class Server:
         await self.store.open()
         deliver = self.hub.deliver if self._lag_hook else self._deliver_timed
         await self.broker.start(deliver, self.positions.resync)
+        await self.limits.start()
         self.positions.start()
         self._ws = await serve(
             self._handle,
@@ -189,6 +210,7 @@ class Server:
             except TimeoutError:
                 log.warning("connections did not close in time")
         await self.positions.close()
+        await self.limits.close()
         await self.broker.close()
         await self.store.close()
         self._stopped.set()

@@ -57,7 +57,7 @@ from .context import Context
 from .handlers import Requests, error_frame, now_ms
 from .handshake import Closing, Handshake, refuse
 from .hub import TooManyConnections
-from .inbox import HOLD_HELLO, HOLD_READ, HOLD_WRITES, Inbox
+from .inbox import HOLD_FLEET, HOLD_HELLO, HOLD_READ, HOLD_WRITES, Inbox
 from .outbox import Outbox, writer_close
 from .sequencer import LIVE
 
@@ -352,6 +352,13 @@ class Session:
                 await coro
         finally:
             self.inbox.release(HOLD_READ)
+
+    def hold_fleet(self, on: bool) -> None:
+        """Hold later messages while the fleet answers a rate check (or release them)."""
+        if on:
+            self.inbox.hold(HOLD_FLEET)
+        else:
+            self.inbox.release(HOLD_FLEET)
 
     def hold_writes(self, on: bool) -> None:
         """Hold later messages while too many writes are in flight (or release them)."""

@@ -7,13 +7,16 @@ unreachable these fixtures error: the tests fail, they never skip.
 
 `store_url` is a migrated database of each kind ("sqlite", "postgres"), and
 `store` an opened `SqlStore` on it (closed afterwards).
+
+Redis: `own_redis` is a redis-server of the test's own (stop it, stall it, restart
+it); `prefix` a key and channel prefix of its own on the machine's Redis.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -25,8 +28,20 @@ from sqlalchemy.engine import make_url
 from storage.migrate import upgrade_async
 from storage.sql import SqlStore
 from storage.urls import normalize_url
+from tests.redis_server import RedisServer, private_redis
 
 PG_DEFAULT = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"chatd-test-{secrets.token_hex(6)}:"
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    with private_redis(tmp_path) as server:
+        yield server
 
 
 def asyncpg_dsn(url: str) -> str:

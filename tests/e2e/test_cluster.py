@@ -8,9 +8,7 @@ when the test stops or kills it."""
 
 from __future__ import annotations
 
-import secrets
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -18,23 +16,12 @@ import pytest_asyncio
 import redis.asyncio as redis
 
 from chatd.server import Server
-from tests.redis_server import RedisServer, private_redis
+from tests.redis_server import RedisServer
 
 from .conftest import Clients, MakeConfig, Servers
 from .helpers import RawConn, is_t
 
 SHARED_REDIS = "redis://127.0.0.1:6379/0"
-
-
-@pytest.fixture
-def prefix() -> str:
-    return f"chatd-test-{secrets.token_hex(6)}:"
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    with private_redis(tmp_path) as server:
-        yield server
 
 
 class Cluster:
@@ -46,13 +33,13 @@ class Cluster:
         self.nodes: list[Server] = []
 
     async def start(self, n: int, redis_url: str, **over: Any) -> list[Server]:
+        over.setdefault("send_burst", 10_000)
         for i in range(n):
             cfg = self._make(
                 db=self.db,
                 broker=redis_url,
                 broker_prefix=self.prefix,
                 node_id=f"node{len(self.nodes) + 1}",
-                send_burst=10_000,
                 **over,
             )
             self.nodes.append(await self._servers.start(cfg))
@@ -183,3 +170,79 @@ async def test_a_lost_last_event_is_found_by_the_position_check(
     msg = await bob.next(is_t("msg"), timeout=10)
     assert (msg["cmid"], msg["cur"]) == ("lost", 1)
     assert n2.positions.checks >= 1
+
+
+# ------------------------------------------------------------------ limits across the fleet
+
+
+async def test_the_send_rate_holds_across_nodes(cluster: Cluster, clients: Clients) -> None:
+    n1, n2 = await cluster.start(2, SHARED_REDIS, send_burst=4, send_rate=0.5)
+    phone = await clients.raw_hello(n1, "alice", device="phone")
+    laptop = await clients.raw_hello(n2, "alice", device="laptop")
+    await clients.raw_hello(n2, "bob")
+    answers = []
+    for i in range(3):  # 6 sends in a burst of 4, alternating nodes
+        for dev, name in ((phone, "p"), (laptop, "l")):
+            frame = {"t": "send", "id": i, "to": "bob", "cmid": f"{name}{i}", "body": "x"}
+            answers.append(await dev.request(frame))
+    assert [a["t"] for a in answers] == ["sent"] * 4 + ["error"] * 2
+    assert {a["code"] for a in answers[4:]} == {"rate_limited"}
+    assert all(a["retry_ms"] > 0 for a in answers[4:])
+    # A refused message was not stored; a resend of a stored one, refused by the rate
+    # too, is still answered with the original.
+    again = await laptop.request({"t": "send", "id": 9, "to": "bob", "cmid": "p0", "body": "x"})
+    assert again["t"] == "sent" and again["dup"] is True
+    assert n1.limits.stats().refused + n2.limits.stats().refused == 3
+
+
+async def test_typing_rate_holds_across_nodes(cluster: Cluster, clients: Clients) -> None:
+    n1, n2 = await cluster.start(2, SHARED_REDIS, typing_rate=2.0)
+    phone = await clients.raw_hello(n1, "alice", device="phone")
+    laptop = await clients.raw_hello(n2, "alice", device="laptop")
+    answers = [
+        await dev.request({"t": "typing", "id": i, "to": "bob", "on": True})
+        for i, dev in enumerate((phone, laptop, phone))
+    ]
+    assert [a["t"] for a in answers] == ["ok", "ok", "error"]
+    assert answers[2]["code"] == "rate_limited"
+
+
+async def test_connections_per_user_hold_across_nodes(cluster: Cluster, clients: Clients) -> None:
+    n1, n2 = await cluster.start(2, SHARED_REDIS, max_connections_per_user=2)
+    first = await clients.raw_hello(n1, "alice", device="1")
+    await clients.raw_hello(n2, "alice", device="2")
+    third = await clients.raw(n1)
+    err = await third.hello(n1.ctx.auth.mint("alice"))
+    assert (err["t"], err["code"]) == ("error", "rate_limited")
+    assert await third.wait_closed() == 1013
+    await clients.raw_hello(n1, "bob")  # another user is not affected
+    await first.close()
+    for _ in range(100):  # the disconnect reaches Redis in its next round trip
+        again = await clients.raw(n2)
+        welcome = await again.hello(n2.ctx.auth.mint("alice"))
+        if welcome["t"] == "welcome":
+            break
+        await again.wait_closed()
+    assert welcome["t"] == "welcome"
+
+
+async def test_without_redis_the_nodes_own_limits_apply(
+    cluster: Cluster, clients: Clients, own_redis: RedisServer
+) -> None:
+    n1, n2 = await cluster.start(2, own_redis.url, send_burst=3, send_rate=0.5)
+    alice = await clients.raw_hello(n1, "alice")
+    await clients.raw_hello(n2, "bob")
+    own_redis.pause()  # a stall: the fleet's checks go unanswered
+    try:
+        answers = [
+            await alice.request(
+                {"t": "send", "id": i, "to": "bob", "cmid": f"a{i}", "body": "x"}, timeout=10
+            )
+            for i in range(4)
+        ]
+    finally:
+        own_redis.resume()
+    # Served on node 1's own bucket (3), not refused for want of Redis.
+    assert [a["t"] for a in answers] == ["sent"] * 3 + ["error"]
+    assert answers[3]["code"] == "rate_limited"
+    assert n1.limits.stats().unanswered >= 1

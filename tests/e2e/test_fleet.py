@@ -16,7 +16,7 @@ import itertools
 import os
 import re
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from sqlalchemy.engine import make_url
 from chatd.config import OPTIONS, add_options, config_from_args
 from storage.sql import SqlStore
 from tests.fleet import REPO, Device, Fleet, Haproxy, check_stream, render_haproxy
-from tests.redis_server import RedisServer, private_redis
+from tests.redis_server import RedisServer
 from tests.storage.tcp_proxy import CuttableProxy
 
 SHARED_REDIS = "redis://127.0.0.1:6379/0"
@@ -41,12 +41,6 @@ async def fleet(pg_url: str, tmp_path: Path) -> AsyncIterator[Fleet]:
         yield f
     finally:
         await f.close()
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    with private_redis(tmp_path) as server:
-        yield server
 
 
 def cmids(tag: str, n: int, start: int = 0) -> list[str]:

@@ -1,0 +1,191 @@
+"""The fleet limits (`chatd.limits`): two RedisLimits on one Redis are two nodes of a
+fleet; what one counts, the other sees. When Redis goes away they stop answering (the
+node's own limits decide) and, back, they count again exactly what each node holds."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import pytest_asyncio
+import redis.asyncio as redis
+
+from chatd.config import Policy
+from chatd.limits import Kind, NodeOnly
+from chatd.limits_redis import RedisLimits
+from tests.redis_server import RedisServer
+
+SHARED_REDIS = "redis://127.0.0.1:6379/0"
+POLICY = Policy(send_rate=10.0, send_burst=3, typing_rate=2.0, max_connections_per_user=2)
+
+
+class Fleet:
+    def __init__(self, url: str, prefix: str) -> None:
+        self.url, self.prefix = url, prefix
+        self.nodes: list[RedisLimits] = []
+
+    async def node(self, policy: Policy = POLICY, **kw: Any) -> RedisLimits:
+        kw.setdefault("timeout", 3.0)  # a loaded test machine must not look like a fault
+        limits = RedisLimits(
+            self.url, policy, prefix=self.prefix, node_id=f"n{len(self.nodes) + 1}", **kw
+        )
+        self.nodes.append(limits)
+        await limits.start()
+        assert limits.stats().up
+        return limits
+
+    async def close(self) -> None:
+        for node in self.nodes:
+            await node.close()
+
+
+@pytest_asyncio.fixture
+async def fleet(prefix: str) -> AsyncIterator[Fleet]:
+    f = Fleet(SHARED_REDIS, prefix)
+    try:
+        yield f
+    finally:
+        await f.close()
+        r = redis.Redis.from_url(SHARED_REDIS)
+        keys = [k async for k in r.scan_iter(match=f"{prefix}*")]
+        if keys:
+            await r.delete(*keys)
+        await r.aclose()
+
+
+async def _take(limits: RedisLimits, kind: Kind, user: str) -> float | None:
+    fut = limits.take(kind, user)
+    assert fut is not None, "a fleet that is up answers"
+    return await fut
+
+
+async def test_a_send_bucket_is_shared_by_the_nodes(fleet: Fleet) -> None:
+    a, b = await fleet.node(), await fleet.node()
+    assert [await _take(a, Kind.SEND, "alice") for _ in range(2)] == [0.0, 0.0]
+    assert await _take(b, Kind.SEND, "alice") == 0.0  # the third of a burst of 3
+    wait = await _take(b, Kind.SEND, "alice")
+    assert wait is not None and 0.0 < wait <= 0.1  # one token every 0.1 s
+    refused = await _take(a, Kind.SEND, "alice")
+    assert refused is not None and refused > 0.0
+    assert await _take(a, Kind.SEND, "bob") == 0.0  # another user's bucket
+    a.refund(Kind.SEND, "alice")  # a duplicate gives its token back
+    assert await _take(b, Kind.SEND, "alice") == 0.0
+    s = a.stats()
+    assert (s.allowed, s.refused, s.unanswered) == (3, 1, 0)
+
+
+async def test_the_bucket_refills_at_the_rate(fleet: Fleet) -> None:
+    a, b = await fleet.node(), await fleet.node()
+    for _ in range(3):
+        assert await _take(a, Kind.SEND, "alice") == 0.0
+    wait = await _take(b, Kind.SEND, "alice")
+    assert wait is not None and wait > 0.0
+    await asyncio.sleep(wait + 0.01)  # the time it said
+    assert await _take(b, Kind.SEND, "alice") == 0.0
+    again = await _take(a, Kind.SEND, "alice")
+    assert again is not None and again > 0.0
+
+
+async def test_typing_has_a_bucket_of_its_own(fleet: Fleet) -> None:
+    a, b = await fleet.node(), await fleet.node()
+    assert await _take(a, Kind.TYPING, "alice") == 0.0
+    assert await _take(b, Kind.TYPING, "alice") == 0.0  # burst of typing_rate = 2
+    wait = await _take(a, Kind.TYPING, "alice")
+    assert wait is not None and 0.0 < wait <= 0.5
+    assert await _take(a, Kind.SEND, "alice") == 0.0  # sends are counted apart
+
+
+async def test_connections_per_user_count_across_nodes(fleet: Fleet) -> None:
+    a, b = await fleet.node(), await fleet.node()
+    assert await a.connect("alice") is True
+    assert await b.connect("alice") is True
+    assert await a.connect("alice") is False  # 2 across the fleet
+    assert await b.connect("alice") is False
+    assert await b.connect("bob") is True
+    a.disconnect("alice")
+    assert await a.connect("carol") is True  # a round trip of a's after its disconnect
+    assert await b.connect("alice") is True  # a's is gone: room for one
+    assert await a.connect("alice") is False
+
+
+async def test_a_dead_nodes_connections_stop_counting(fleet: Fleet) -> None:
+    a = await fleet.node(node_ttl=0.5, heartbeat=0.1)
+    b = await fleet.node(node_ttl=0.5, heartbeat=0.1)
+    assert await a.connect("alice") is True
+    assert await a.connect("alice") is True
+    assert await b.connect("alice") is False
+    await a.close()  # a crash: no disconnect, no goodbye; its heartbeat stops
+    counted = False
+    for _ in range(40):  # its incarnation expires within node_ttl (0.5 s)
+        counted = await b.connect("alice") is True
+        if counted:
+            break
+        await asyncio.sleep(0.05)
+    assert counted
+
+
+async def test_cancelled_connect_is_not_left_counted(fleet: Fleet) -> None:
+    a = await fleet.node()
+    task = asyncio.create_task(a.connect("alice"))
+    await asyncio.sleep(0)  # queued
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # The cancelled one was counted when Redis answered, then undone: room for two.
+    assert await a.connect("alice") is True
+    assert await a.connect("alice") is True
+    assert await a.connect("alice") is False
+
+
+async def test_without_redis_the_node_decides_then_counts_again(
+    own_redis: RedisServer, prefix: str
+) -> None:
+    f = Fleet(own_redis.url, prefix)
+    try:
+        a = await f.node(timeout=0.3, backoff=(0.02, 0.1))
+        b = await f.node(timeout=0.3, backoff=(0.02, 0.1))
+        assert await a.connect("alice") is True
+        own_redis.stop()
+        # The first check after the loss may wait for its round trip to fail; it is
+        # unanswered (the node decides), and so is every check until Redis is back.
+        fut = a.take(Kind.SEND, "alice")
+        assert fut is None or await fut is None
+        for _ in range(50):
+            if not a.stats().up and not b.stats().up:
+                break
+            await asyncio.sleep(0.02)
+        assert a.take(Kind.SEND, "alice") is None
+        assert await a.connect("alice") is None  # counted here: held 2
+        assert await b.connect("alice") is None  # the fleet's limit cannot be checked
+        a.disconnect("alice")  # held 1 on a
+        own_redis.start()  # an empty Redis on the same port
+        for _ in range(100):
+            if a.stats().up and b.stats().up:
+                break
+            await asyncio.sleep(0.05)
+        assert a.stats().up and b.stats().up
+        # Each node registered what it holds: a 1, b 1, so alice is at the limit.
+        r = redis.Redis.from_url(own_redis.url)
+        held = await r.hgetall(f"{prefix}conns:alice")
+        await r.aclose()
+        assert sorted(int(v) for v in held.values()) == [1, 1]
+        assert await a.connect("alice") is False
+        b.disconnect("alice")
+        assert await b.connect("carol") is True  # b's round trip after the disconnect
+        assert await a.connect("alice") is True
+        assert a.stats().reconnects >= 1 and a.stats().unanswered >= 3
+    finally:
+        await f.close()
+
+
+async def test_node_only_never_answers() -> None:
+    limits = NodeOnly()
+    await limits.start()
+    assert limits.take(Kind.SEND, "alice") is None
+    assert await limits.connect("alice") is None
+    limits.disconnect("alice")
+    limits.refund(Kind.SEND, "alice")
+    assert not limits.stats().up
+    await limits.close()
