@@ -13,7 +13,7 @@ from storage.base import Store
 from .broker import Broker, BrokerUnavailable, LiveEvent
 from .config import Policy
 from .errors import ChatdError
-from .limits import FleetLimits, NodeOnly
+from .limits import SPREAD, FleetLimits, NodeOnly
 from .ratelimit import TokenBucket
 
 log = logging.getLogger("chatd.hub")
@@ -76,6 +76,9 @@ class Hub:
         state = self._users.get(user)
         if state is None:
             return
+        if not event.cur and event.data == SPREAD:  # not for the sessions: see `limits`
+            self._fleet.spread(user)
+            return
         sessions = state.sessions
         for session in tuple(sessions):
             session.push_live(event)
@@ -105,40 +108,45 @@ class Hub:
     async def attach(self, session: Listener) -> UserState:
         """Register a session; it returns once the broker carries the user's events here.
         Raises TooManyConnections over the per-user limit (this node's count first, then
-        the fleet's, see `limits`). A broker that cannot subscribe
-        now does not stop it (see below)."""
+        the fleet's, see `limits`). A broker that cannot subscribe now does not stop it
+        (see below)."""
         user = session.user
         most = self._policy.max_connections_per_user
         here = self._users.get(user)
         if here is not None and len(here.sessions) >= most:  # this node's count: at once
             raise TooManyConnections(user)
-        counted = await self._fleet.connect(user)  # the fleet's (None: unanswered)
-        if counted is False:
-            raise TooManyConnections(user)
-        state = self.user_state(user)  # (the user may have left and come back meanwhile)
-        if len(state.sessions) >= most:
-            self._fleet.disconnect(user)
-            raise TooManyConnections(user)
+        state = self.user_state(user)
         state.sessions.add(session)
+        counted: bool | None = False
         try:
             # Every attach waits for the subscription (idempotent): a second device that
             # attaches while the first one's SUBSCRIBE is on its way returns after it too.
-            await self._broker.subscribe(session.user)
-        except BrokerUnavailable:
-            # Served all the same: the broker subscribes when it is back (and resyncs);
-            # meanwhile the position checks bring this user's events from storage.
-            log.warning("user %r attached while the broker is unavailable", session.user)
+            # Subscribed before the fleet counts it: a node that sees it there next
+            # announces SPREAD on this channel, and it must arrive here (see `limits`).
+            try:
+                await self._broker.subscribe(user)
+            except BrokerUnavailable:
+                # Served all the same: the broker subscribes when it is back (and
+                # resyncs); meanwhile the position checks bring this user's events.
+                log.warning("user %r attached while the broker is unavailable", user)
+            counted = await self._fleet.connect(user)  # None: unanswered, counted here
+            if counted is False:
+                raise TooManyConnections(user)
         except BaseException:
-            await self.detach(session)
+            await self._detach(session, counted is not False)
             raise
         return state
 
     async def detach(self, session: Listener) -> None:
+        await self._detach(session, True)
+
+    async def _detach(self, session: Listener, counted: bool) -> None:
         state = self._users.get(session.user)
         if state is None or session not in state.sessions:
             return
         state.sessions.discard(session)
-        self._fleet.disconnect(session.user)
+        if counted:
+            self._fleet.disconnect(session.user)
         if not state.sessions:
             del self._users[session.user]
             now = time.monotonic()

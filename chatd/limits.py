@@ -13,16 +13,29 @@ One small interface, two implementations:
 
 The node's own limits always run first: a node-local refusal is decided without a round
 trip (what one node counted, the fleet counted too), and they are the fallback.
+
+A user whose connections are all on one node (most users, most of the time) is *solo*
+there: that node's buckets are the fleet's, and their checks make no round trip. The
+connect check says whether another node holds the user; if one does, the node that
+learns it announces `SPREAD` on the user's broker channel (every node with a session
+of the user is subscribed before it asks), and from then on every node checks in the
+fleet. A user who spreads may get one burst more at that moment (the fleet's bucket did
+not see their solo sends); after it, the fleet's rates hold.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
 
-__all__ = ["FleetLimits", "FleetStats", "Kind", "NodeOnly"]
+__all__ = ["SPREAD", "FleetLimits", "FleetStats", "Kind", "NodeOnly"]
+
+SPREAD = b"\xc1spread"
+"""The data of the live event (cur 0) that says "this user is now on several nodes"
+(0xc1 is never used by msgpack: no frame starts with it). The hub takes it."""
 
 
 class Kind(Enum):
@@ -36,6 +49,8 @@ class Kind(Enum):
 class FleetStats:
     up: bool
     """Answering now (False: the node's own limits decide)."""
+    solo: int
+    """Users with connections on this node only: their checks make no round trip."""
     allowed: int
     refused: int
     unanswered: int
@@ -47,8 +62,14 @@ class FleetLimits(Protocol):
     """Counts per user across the fleet. Every call is cheap and never raises: a check
     that cannot be answered answers None (the caller's own limit decides)."""
 
-    async def start(self) -> None:
-        """Connect; returns without raising when the fleet store is unreachable."""
+    async def start(self, announce: Callable[[str], None]) -> None:
+        """Connect; returns without raising when the fleet store is unreachable.
+        `announce(user)`: publish `SPREAD` to the user's channel."""
+        ...
+
+    def spread(self, user: str | None = None) -> None:
+        """`user` (None: every user) may have connections on other nodes now: check
+        in the fleet (a `SPREAD` event, or a broker reconnect, which may have lost some)."""
         ...
 
     async def close(self) -> None: ...
@@ -78,7 +99,10 @@ class FleetLimits(Protocol):
 class NodeOnly:
     """No fleet: the node's own limits are the only ones."""
 
-    async def start(self) -> None:
+    async def start(self, announce: Callable[[str], None]) -> None:
+        return None
+
+    def spread(self, user: str | None = None) -> None:
         return None
 
     async def close(self) -> None:
@@ -97,4 +121,4 @@ class NodeOnly:
         return None
 
     def stats(self) -> FleetStats:
-        return FleetStats(False, 0, 0, 0, 0)
+        return FleetStats(False, 0, 0, 0, 0, 0)

@@ -27,6 +27,7 @@ import logging
 import math
 import secrets
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -65,22 +66,25 @@ _CONNECT = b"""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local all = redis.call('HGETALL', KEYS[1])
-local total = 0
+local total, others = 0, 0
 for i = 1, #all, 2 do
   local f = all[i]
   if f ~= ARGV[1] and (tonumber(redis.call('ZSCORE', KEYS[2], f)) or 0) < now then
     redis.call('HDEL', KEYS[1], f)
   else
-    total = total + tonumber(all[i + 1])
+    local n = tonumber(all[i + 1])
+    total = total + n
+    if f ~= ARGV[1] and n > 0 then others = others + 1 end
   end
 end
-if total >= tonumber(ARGV[2]) then return 0 end
+if total >= tonumber(ARGV[2]) then return {0, others} end
 redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return 1
+return {1, others}
 """
 """KEYS[1] the user's connections, KEYS[2] the live incarnations; ARGV ours, the most
-connections, the key's TTL (ms). Returns 1 (counted) or 0 (refused)."""
+connections, the key's TTL (ms). Returns {1 (counted) or 0 (refused), other nodes
+holding connections of the user}."""
 
 _DISCONNECT = b"""
 if redis.call('HINCRBY', KEYS[1], ARGV[1], -1) <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end
@@ -153,6 +157,9 @@ class RedisLimits:
         self._shas: list[bytes] = []
         self._held: dict[str, int] = {}
         """Connections per user this node holds that were not refused."""
+        self._solo: set[str] = set()
+        """Users held here and nowhere else, as of their last connect (see `limits`)."""
+        self._announce: Callable[[str], None] = lambda user: None
         self._queue: deque[_Check] = deque()
         self._in_flight: list[_Check] = []
         self._wake = asyncio.Event()
@@ -163,9 +170,10 @@ class RedisLimits:
 
     # ------------------------------------------------------------------ interface
 
-    async def start(self) -> None:
+    async def start(self, announce: Callable[[str], None]) -> None:
         if self._task is not None:
             raise RuntimeError("RedisLimits starts once")
+        self._announce = announce
         self._task = asyncio.create_task(self._supervise(), name="fleet-limits")
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(3.0):
@@ -183,7 +191,15 @@ class RedisLimits:
         self._unanswer(self._queue)
         self._queue.clear()
 
+    def spread(self, user: str | None = None) -> None:
+        if user is None:
+            self._solo.clear()
+        else:
+            self._solo.discard(user)
+
     def take(self, kind: Kind, user: str) -> asyncio.Future[float | None] | None:
+        if user in self._solo:  # this node's buckets are the fleet's
+            return None
         if not self._up.is_set():
             self._unanswered += 1
             return None
@@ -192,13 +208,14 @@ class RedisLimits:
         return fut
 
     def refund(self, kind: Kind, user: str) -> None:
-        if self._up.is_set():
+        if self._up.is_set() and user not in self._solo:
             self._push(_Check(_Op.REFUND, user, kind))
 
     async def connect(self, user: str) -> bool | None:
         if not self._up.is_set():
             self._unanswered += 1
             self._count(user, 1)
+            self._solo.discard(user)
             return None
         fut: asyncio.Future[float | None] = asyncio.get_running_loop().create_future()
         self._push(_Check(_Op.CONNECT, user, fut=fut))
@@ -221,7 +238,12 @@ class RedisLimits:
 
     def stats(self) -> FleetStats:
         return FleetStats(
-            self._up.is_set(), self._allowed, self._refused, self._unanswered, self._reconnects
+            self._up.is_set(),
+            len(self._solo),
+            self._allowed,
+            self._refused,
+            self._unanswered,
+            self._reconnects,
         )
 
     # ------------------------------------------------------------------ internals
@@ -236,12 +258,18 @@ class RedisLimits:
             self._held[user] = n
         else:
             self._held.pop(user, None)
+            self._solo.discard(user)
 
-    def _resolve(self, check: _Check, result: float | None) -> None:
+    def _resolve(self, check: _Check, result: float | None, others: int = 1) -> None:
         """Answer one check (None: unanswered). A connection that was not refused is
-        held from this moment: re-registration counts it."""
+        held from this moment: re-registration counts it. `others`: nodes besides
+        this one that hold the user (a connect's)."""
         if check.op is _Op.CONNECT and result != 0.0:
             self._count(check.user, 1)
+            if result is None or others:
+                self._solo.discard(check.user)
+            else:
+                self._solo.add(check.user)
         if check.fut is not None and not check.fut.done():
             check.fut.set_result(result)
 
@@ -305,6 +333,7 @@ class RedisLimits:
         """Take a new incarnation and count what this node holds under it (at once:
         disconnects still queued are in `_held` already, and are dropped)."""
         old, self._me = self._me, f"{self._node}/{secrets.token_hex(4)}".encode()
+        self._solo.clear()  # announcements may have been lost meanwhile
         kept = [c for c in self._queue if c.op is not _Op.DISCONNECT]
         self._queue.clear()
         self._queue.extend(kept)
@@ -351,10 +380,13 @@ class RedisLimits:
                 self._refused += n > 0
                 self._allowed += n == 0
                 self._resolve(check, n / 1e6)
-            elif check.op is _Op.CONNECT:  # 1: counted; 0: refused
-                self._refused += n == 0
-                self._allowed += n != 0
-                self._resolve(check, float(n))
+            elif check.op is _Op.CONNECT and isinstance(reply, list):  # [counted, others]
+                counted, others = reply
+                self._refused += counted == 0
+                self._allowed += counted != 0
+                self._resolve(check, float(counted), others)
+                if counted and others:  # tell the nodes that took it for solo
+                    self._announce(check.user)
 
     async def _call(self, conn: AbstractConnection, cmds: list[tuple[bytes, ...]]) -> list[object]:
         """Send `cmds` in one write and read every reply, within `timeout`."""

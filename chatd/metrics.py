@@ -330,6 +330,11 @@ def _limits_metrics(limits: FleetLimits) -> Iterator[Metric]:
     yield GaugeMetricFamily(
         "chatd_fleet_limits_up", "1: the fleet's limits answer; 0: this node's apply", s.up
     )
+    yield GaugeMetricFamily(
+        "chatd_fleet_limits_solo_users",
+        "Users whose connections are all on this node: checked here, no round trip",
+        s.solo,
+    )
     checks = CounterMetricFamily(
         "chatd_fleet_limit_checks",
         "Rate and connection checks of the fleet limits, by result",

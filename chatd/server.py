@@ -27,7 +27,7 @@ from .connection import ChatConnection, connection_class
 from .context import Context
 from .errors import ConfigError
 from .hub import Hub
-from .limits import FleetLimits, NodeOnly
+from .limits import SPREAD, FleetLimits, NodeOnly
 from .metrics import Metrics
 from .positions import Positions
 from .session import Session
@@ -146,8 +146,8 @@ class Server:
                 )
         await self.store.open()
         deliver = self.hub.deliver if self._lag_hook else self._deliver_timed
-        await self.broker.start(deliver, self.positions.resync)
-        await self.limits.start()
+        await self.broker.start(deliver, self._resync)
+        await self.limits.start(self._announce_spread)
         self.positions.start()
         self._ws = await serve(
             self._handle,
@@ -215,6 +215,15 @@ class Server:
         await self.store.close()
         self._stopped.set()
         log.info("stopped")
+
+    def _resync(self) -> None:
+        """The broker may have lost events: positions are checked, and SPREAD notices
+        may be among the lost (every user is checked in the fleet again)."""
+        self.positions.resync()
+        self.limits.spread()
+
+    def _announce_spread(self, user: str) -> None:
+        self.broker.publish([(user, LiveEvent(0, SPREAD))])
 
     async def __aenter__(self) -> Server:
         try:

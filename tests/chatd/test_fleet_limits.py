@@ -25,6 +25,7 @@ class Fleet:
     def __init__(self, url: str, prefix: str) -> None:
         self.url, self.prefix = url, prefix
         self.nodes: list[RedisLimits] = []
+        self.announced: list[tuple[str, str]] = []
 
     async def node(self, policy: Policy = POLICY, **kw: Any) -> RedisLimits:
         kw.setdefault("timeout", 3.0)  # a loaded test machine must not look like a fault
@@ -32,7 +33,8 @@ class Fleet:
             self.url, policy, prefix=self.prefix, node_id=f"n{len(self.nodes) + 1}", **kw
         )
         self.nodes.append(limits)
-        await limits.start()
+        name = f"n{len(self.nodes)}"
+        await limits.start(lambda user: self.announced.append((name, user)))
         assert limits.stats().up
         return limits
 
@@ -150,13 +152,13 @@ async def test_without_redis_the_node_decides_then_counts_again(
         own_redis.stop()
         # The first check after the loss may wait for its round trip to fail; it is
         # unanswered (the node decides), and so is every check until Redis is back.
-        fut = a.take(Kind.SEND, "alice")
+        fut = a.take(Kind.SEND, "dave")  # (alice is solo on a)
         assert fut is None or await fut is None
         for _ in range(50):
             if not a.stats().up and not b.stats().up:
                 break
             await asyncio.sleep(0.02)
-        assert a.take(Kind.SEND, "alice") is None
+        assert a.take(Kind.SEND, "dave") is None
         assert await a.connect("alice") is None  # counted here: held 2
         assert await b.connect("alice") is None  # the fleet's limit cannot be checked
         a.disconnect("alice")  # held 1 on a
@@ -180,9 +182,32 @@ async def test_without_redis_the_node_decides_then_counts_again(
         await f.close()
 
 
+async def test_a_user_on_one_node_is_checked_there_until_another_node_holds_them(
+    fleet: Fleet,
+) -> None:
+    a, b = await fleet.node(), await fleet.node()
+    assert await a.connect("alice") is True
+    assert await a.connect("alice") is True  # two devices, one node: still solo
+    assert a.stats().solo == 1
+    assert a.take(Kind.SEND, "alice") is None  # a's bucket is the fleet's: no round trip
+    assert fleet.announced == []
+    assert await b.connect("alice") is False  # 2 at most: refused, nothing announced
+    a.disconnect("alice")
+    assert await a.connect("carol") is True  # (a's disconnect is in Redis)
+    assert await b.connect("alice") is True
+    assert fleet.announced == [("n2", "alice")]  # b tells the others (the hub: SPREAD)
+    assert (a.stats().solo, b.stats().solo) == (2, 0)  # a: alice (until told), carol
+    assert await _take(b, Kind.SEND, "alice") == 0.0
+    a.spread("alice")  # what a's hub does with the SPREAD event
+    assert await _take(a, Kind.SEND, "alice") == 0.0
+    b.disconnect("alice")
+    a.spread()  # a broker reconnect: nobody is solo until their next connect
+    assert a.stats().solo == 0
+
+
 async def test_node_only_never_answers() -> None:
     limits = NodeOnly()
-    await limits.start()
+    await limits.start(lambda user: None)
     assert limits.take(Kind.SEND, "alice") is None
     assert await limits.connect("alice") is None
     limits.disconnect("alice")

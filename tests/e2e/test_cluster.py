@@ -8,6 +8,7 @@ when the test stops or kills it."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -175,11 +176,22 @@ async def test_a_lost_last_event_is_found_by_the_position_check(
 # ------------------------------------------------------------------ limits across the fleet
 
 
+async def _spread_seen(node: Server) -> None:
+    """Until `node` has heard that its users are on other nodes too (the SPREAD event
+    that the second node announced on alice's channel), so that it checks in Redis."""
+    for _ in range(200):
+        if node.limits.stats().solo == 0:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("no SPREAD event reached the first node")
+
+
 async def test_the_send_rate_holds_across_nodes(cluster: Cluster, clients: Clients) -> None:
     n1, n2 = await cluster.start(2, SHARED_REDIS, send_burst=4, send_rate=0.5)
     phone = await clients.raw_hello(n1, "alice", device="phone")
     laptop = await clients.raw_hello(n2, "alice", device="laptop")
     await clients.raw_hello(n2, "bob")
+    await _spread_seen(n1)
     answers = []
     for i in range(3):  # 6 sends in a burst of 4, alternating nodes
         for dev, name in ((phone, "p"), (laptop, "l")):
@@ -199,6 +211,7 @@ async def test_typing_rate_holds_across_nodes(cluster: Cluster, clients: Clients
     n1, n2 = await cluster.start(2, SHARED_REDIS, typing_rate=2.0)
     phone = await clients.raw_hello(n1, "alice", device="phone")
     laptop = await clients.raw_hello(n2, "alice", device="laptop")
+    await _spread_seen(n1)
     answers = [
         await dev.request({"t": "typing", "id": i, "to": "bob", "on": True})
         for i, dev in enumerate((phone, laptop, phone))
@@ -231,7 +244,9 @@ async def test_without_redis_the_nodes_own_limits_apply(
 ) -> None:
     n1, n2 = await cluster.start(2, own_redis.url, send_burst=3, send_rate=0.5)
     alice = await clients.raw_hello(n1, "alice")
+    await clients.raw_hello(n2, "alice", device="laptop")  # alice is on two nodes
     await clients.raw_hello(n2, "bob")
+    await _spread_seen(n1)
     own_redis.pause()  # a stall: the fleet's checks go unanswered
     try:
         answers = [
