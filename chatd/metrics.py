@@ -410,6 +410,11 @@ class _StoreCollector(Collector):
             "Transactions tried again (deadlock, serialization failure, lost unique race)",
             value=stats.retries,
         )
+        yield CounterMetricFamily(
+            "chatd_storage_conflicts",
+            "PostgreSQL batches planned on rows another commit moved: done again, locked",
+            value=stats.conflicts,
+        )
         failed = CounterMetricFamily(
             "chatd_storage_batch_failures",
             "Failed transactions by kind (unavailable: nothing stored; rejected: a value)",

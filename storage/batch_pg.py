@@ -1,13 +1,25 @@
-"""The PostgreSQL group commit: one batch in four round trips on a plain asyncpg connection.
+"""The PostgreSQL group commit: one batch in two round trips on a plain asyncpg connection.
 
-    BEGIN
-    SELECT chatd_batch_read(...)     steps 1-4 (storage/plan.py) on the server: locks,
-                                     missing rows created, every row the plan needs
+    SELECT chatd_batch_read(...)     steps 1-4 (storage/plan.py) on the server: missing
+                                     rows created, every row the plan needs (a statement
+                                     of its own: its locks end with it)
     (step 5 in Python: `storage.plan.BatchPlan`, the same code as on SQLite)
-    SELECT chatd_batch_write(...)    step 6 on the server, from parallel arrays
-    COMMIT
+    SELECT chatd_batch_write_checked(...)
+                                     step 6 on the server, from parallel arrays, in a
+                                     statement of its own: it locks the rows, checks that
+                                     they are as the plan saw them, writes, commits
 
-The two functions are created by migration 0002. `PrefetchIO` is the `BatchIO`
+If another commit moved one of those rows in between (another node's, or this node's
+other writer's, for the same people), the check raises 40001 and the batch is done
+again the locked way, which cannot fail so:
+
+    BEGIN; chatd_batch_read (its locks held); plan; chatd_batch_write; COMMIT
+
+Locks were held across three round trips and a busy event loop for every batch; two
+nodes that write for the same people then queued on each other (migration 0004 says
+more). Now they are held for one statement, except after a conflict.
+
+The functions are created by migrations 0002 and 0004. `PrefetchIO` is the `BatchIO`
 the plan runs on: it answers steps 1-4 from the read function's answer and
 records step 6 for the write function, so the plan stays synchronous and backend
 free. SQLAlchemy is not on this path: its per-statement cost was most of the
@@ -44,6 +56,7 @@ _COMMAND_TIMEOUT_S = 30.0
 
 _READ_SQL = "SELECT chatd_batch_read($1, $2, $3, $4, $5, $6)"
 _WRITE_SQL = "SELECT chatd_batch_write(" + ", ".join(f"${i}" for i in range(1, 35)) + ")"
+_CHECKED_SQL = "SELECT chatd_batch_write_checked(" + ", ".join(f"${i}" for i in range(1, 39)) + ")"
 
 _MESSAGE_COLS = (
     "mid",
@@ -130,6 +143,17 @@ class PrefetchIO:
     def recount_unread(self, rows: Sequence[Row]) -> None:
         self.recount.extend(rows)
 
+    def seen(self) -> list[list[Any]]:
+        """The 4 arrays that `chatd_batch_write_checked` checks: the users and convs
+        rows read, with the `last_cur` and `last_seq` the plan saw."""
+        users, convs = self._users.values(), self._convs.values()
+        return [
+            [r["user_id"] for r in users],
+            [r["last_cur"] for r in users],
+            [r["conv"] for r in convs],
+            [r["last_seq"] for r in convs],
+        ]
+
     def write_args(self) -> list[list[Any]]:
         """The 34 arrays of `chatd_batch_write`, column by column."""
         out = _columns(self.messages, _MESSAGE_COLS) + _columns(self.events, _EVENT_COLS)
@@ -171,6 +195,8 @@ class PgBatchWriter:
         self.dsn = dsn
         self.statement_cache_size = statement_cache_size
         self._idle: list[asyncpg.Connection] = []
+        self.conflicts = 0
+        """Batches whose checked write found a row moved, done again the locked way."""
 
     async def _connection(self) -> asyncpg.Connection:
         """An idle connection, or a new one. One that broke while idle fails its next
@@ -189,11 +215,14 @@ class PgBatchWriter:
         """One transaction for `batch`: a result per op (see `storage.writer.Commit`)."""
         conn = await self._connection()
         try:
-            async with conn.transaction():
-                answer = json.loads(await conn.fetchval(_READ_SQL, *read_args(batch)))
-                io = PrefetchIO(answer)
-                results = apply_batch(io, batch)
-                await conn.execute(_WRITE_SQL, *io.write_args())
+            results = await self._checked(conn, batch)
+            if results is None:
+                self.conflicts += 1
+                async with conn.transaction():
+                    answer = json.loads(await conn.fetchval(_READ_SQL, *read_args(batch)))
+                    io = PrefetchIO(answer)
+                    results = apply_batch(io, batch)
+                    await conn.execute(_WRITE_SQL, *io.write_args())
         except BaseException as exc:
             if (
                 isinstance(exc, asyncpg.PostgresError)
@@ -205,6 +234,20 @@ class PgBatchWriter:
                 conn.terminate()
             raise
         self._idle.append(conn)
+        return results
+
+    @staticmethod
+    async def _checked(conn: asyncpg.Connection, batch: Sequence[Op]) -> list[object] | None:
+        """The batch in two statements, each its own transaction; None if the write
+        found a row moved since the read (nothing of the batch is stored then)."""
+        answer = json.loads(await conn.fetchval(_READ_SQL, *read_args(batch)))
+        io = PrefetchIO(answer)
+        seen = io.seen()  # before the plan, which may change its rows
+        results = apply_batch(io, batch)
+        try:
+            await conn.execute(_CHECKED_SQL, *seen, *io.write_args())
+        except (asyncpg.SerializationError, asyncpg.UniqueViolationError):
+            return None  # (a unique violation: the same (sender, cmid) came in between)
         return results
 
     async def close(self) -> None:

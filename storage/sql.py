@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import sqlite3
 import uuid
 from collections.abc import Sequence
@@ -165,7 +166,10 @@ class SqlStore:
         return self._writer.batch_sizes
 
     def stats(self) -> StoreStats:
-        return self._writer.stats()
+        stats = self._writer.stats()
+        if self._pg_writer is not None:
+            stats = dataclasses.replace(stats, conflicts=self._pg_writer.conflicts)
+        return stats
 
     # ---------------------------------------------------------------- lifecycle
 
