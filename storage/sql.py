@@ -8,9 +8,11 @@ plan (`storage.plan`: the statements of a batch, steps 1-6) decides what a batch
 writes, through `storage.batch_io`. Reads (`storage.reads`) use a pool of their
 own. This module wires them together and owns the engines and connections:
 
-- PostgreSQL: the writer's transaction runs on a plain asyncpg connection
-  (`storage.batch_pg`): steps 1-4 and step 6 are two server-side functions, one
-  round trip each (row locks: SELECT ... FOR UPDATE). `?statement_cache_size=0` in
+- PostgreSQL: the writer's batch runs on a plain asyncpg connection
+  (`storage.batch_pg`): steps 1-4 and step 6 are server-side functions, one round
+  trip each, each its own transaction (the write checks that the rows are as the
+  plan saw them; after a conflict the batch runs again with SELECT ... FOR UPDATE
+  locks held from the read to the COMMIT). `?statement_cache_size=0` in
   the URL: behind PgBouncer in transaction pooling mode (no named prepared
   statement outlives its transaction, for the writer and the readers).
 - SQLite: the whole transaction goes in one hop to a writer thread, on its own
@@ -271,7 +273,7 @@ class SqlStore:
     async def _commit_batch(self, batch: Sequence[Op]) -> list[object]:
         """One transaction for the batch (the writer's `commit`). SQLite: the whole
         transaction in one hop to the writer thread, on its own stdlib sqlite3
-        connection. PostgreSQL: the same plan around two server-side functions on the
+        connection. PostgreSQL: the same plan around server-side functions on the
         writer's asyncpg connection (`storage.batch_pg`)."""
         if self._sqlite:
             if self._sqlite_exec is None:
