@@ -21,10 +21,14 @@ run's own; nothing is flushed), and measures, with `--procs` load-generator proc
 A generator is a process of its own (its own open-file limit, soft raised to hard) that
 connects from an address of its own, 127.0.0.2, 127.0.0.3, ... (ephemeral ports are
 counted per source address), always to 127.0.0.1. The generators and the server share
-the machine's cores: each row gives the generators' CPU share of the machine and how
-busy the machine was, and says "saturated" when a generator process was busy >= 90% of
-its wall time (the generator may be the bottleneck) or the machine was >= 95% busy (the
-rate is the machine's, generator included, not the server's alone).
+the machine's cores: each row gives the generators' CPU share of the machine, how busy
+the machine was, and the share that none of the processes measured here used
+("others": another engineer's tests; interrupts left out), and says "saturated" when a
+generator process was busy >= 90% of its wall time (the generator may be the
+bottleneck) or the machine was >= 95% busy (the rate is the machine's, generator
+included, not the server's alone). The kernel's accept-queue overflows are counted
+beside (the listen backlog is printed): connections dropped there wait for a SYN
+retransmission (1 s, then 3 s, ...).
 """
 
 from __future__ import annotations
@@ -65,7 +69,6 @@ from chatd.admission import budget_for
 from .ab import _round_db
 from .engine import raise_nofile
 from .hist import encode_ns, merge, summary
-from .procstat import MachineBusy
 from .servers import BENCH_LIMITS, _raise_nofile
 from .wsclient import HandshakeError, WsConn
 
@@ -569,14 +572,14 @@ def _phase(
         p.start()
     try:
         _collect(q, procs, "ready", _STARTUP_S)
-        busy = MachineBusy()
-        busy.start()
+        machine = MachineCpu()
         if pg is not None:
             pg.start()
         redis0 = _proc_cpu(redis)
         cpu0 = fleet.cpu_s()
         drops0 = listen_overflows()
         t_go = time.monotonic_ns()
+        machine.start()
         go.set()
         timeout = max(s.open_s + s.connect_timeout for s in specs) + 60.0
         _collect(q, procs, "opened", timeout)
@@ -584,7 +587,7 @@ def _phase(
         server_cpu = fleet.cpu_s() - cpu0
         pg_s = None if pg is None else pg.seconds()
         redis_s = None if redis is None else _proc_cpu(redis) - redis0
-        machine = busy.share()
+        machine.stop()
         drops = listen_overflows() - drops0
         time.sleep(hold_s)
         sample = fleet.sample()
@@ -613,6 +616,7 @@ def _phase(
     )
     lat = summary(merge(r["lat_hist"] for r in res))
     ncpu = os.cpu_count() or 1
+    shares = machine.shares(server_cpu + gen_cpu + (pg_s or 0.0) + (redis_s or 0.0))
     return {
         "wanted": sum(s.count for s in specs),
         "welcomed": welcomed,
@@ -629,7 +633,9 @@ def _phase(
         "server_cpu_s": server_cpu,
         "pg_cpu_s": pg_s,
         "redis_cpu_s": redis_s,
-        "machine_busy": machine,
+        "machine_busy": shares["busy"],
+        "irq_share": shares["irq"],
+        "others_share": shares["others"],
         "listen_drops": drops,
         "gen_cpu_s": gen_cpu,
         "gen_share": gen_cpu / (open_wall * ncpu),
@@ -637,6 +643,42 @@ def _phase(
         "gen_nofile": min(r["nofile"] for r in res),
         "sample": sample,
     }
+
+
+def _cpu_line() -> list[int]:
+    """The machine's `cpu` line of /proc/stat (every core, clock ticks): user nice system
+    idle iowait irq softirq steal ..."""
+    with open("/proc/stat") as f:
+        return [int(x) for x in f.readline().split()[1:]]
+
+
+class MachineCpu:
+    """How the machine's time went since `start()`: busy, and of it interrupts (the
+    loopback's TCP work shows as softirq) and what the processes we know of did not use
+    (other processes: another engineer's tests)."""
+
+    def __init__(self) -> None:
+        self._start = self._end = _cpu_line()
+
+    def start(self) -> None:
+        self._start = _cpu_line()
+
+    def stop(self) -> None:
+        self._end = _cpu_line()
+
+    def shares(self, known_s: float) -> dict[str, float]:
+        """Shares of the machine's time between `start()` and `stop()`; `known_s`: the CPU
+        seconds of the processes we account for."""
+        d = [b - a for a, b in zip(self._start, self._end, strict=False)]
+        total = max(1, sum(d[:8]))
+        idle = d[3] + d[4]
+        irq = d[5] + d[6]
+        rest = (total - idle - irq) / _TICK - known_s
+        return {
+            "busy": (total - idle) / total,
+            "irq": irq / total,
+            "others": max(0.0, rest * _TICK / total),
+        }
 
 
 class PgCpu:
@@ -796,8 +838,10 @@ def _one_run(
         "redis_cpu_per_1k": _per_k(hel["redis_cpu_s"], hel["welcomed"]),
         "gen_share": hel["gen_share"],
         "machine_busy": hel["machine_busy"],
+        "others_share": hel["others_share"],
         "saturated": _saturated(hel),
         "hold_saturated": _saturated(hold),
+        "hold_stop": "/".join("target" if h == "done" else h for h in hold["halts"]),
         "server_warnings": warnings[:50],
         "ok": hel["welcomed"] == hel["wanted"] and not left and alive == pids,
     }
@@ -818,7 +862,8 @@ def _print_run(x: dict[str, Any]) -> None:
         f"server {_f(x['server_cpu_per_1k'], '.2f')} postgres {_f(x['pg_cpu_per_1k'], '.2f')} "
         f"redis {_f(x['redis_cpu_per_1k'], '.3f')} CPU s/1k, generators "
         f"{x['gen_share']:.0%} of the machine (busiest process {h['gen_busiest']:.0%}), "
-        f"machine {x['machine_busy']:.0%} busy, saturated: {x['saturated']}, "
+        f"machine {x['machine_busy']:.0%} busy (interrupts {h['irq_share']:.0%}, other "
+        f"processes {h['others_share']:.0%}), saturated: {x['saturated']}, "
         f"accept-queue drops {h['listen_drops']} | "
         f"held {x['held']:,} of {k['wanted']:,} ({'/'.join(k['halts'])}; "
         f"{k['rate']:,.0f}/s while filling, errors {k['errors'] or 0}, lost {k['lost']}, "
@@ -836,14 +881,16 @@ _COLS = (
     ("hellos/s", "{:>8,.0f}", "hellos_per_s"),
     ("p50 ms", "{:>7.1f}", "p50_ms"),
     ("p99 ms", "{:>7.1f}", "p99_ms"),
-    ("errors", "{:>6}", "hello_errors"),
-    ("held", "{:>7,}", "held"),
+    ("errors", "{:>6,.0f}", "hello_errors"),
+    ("held", "{:>7,.0f}", "held"),
+    ("held until", "{:>10}", "hold_stop"),
     ("RSS MiB", "{:>7,.0f}", "rss_mib"),
     ("KiB/conn", "{:>8.1f}", "kib_per_conn"),
     ("srv CPU s/1k", "{:>12.2f}", "server_cpu_per_1k"),
     ("pg CPU s/1k", "{:>11.2f}", "pg_cpu_per_1k"),
     ("gen CPU", "{:>7.0%}", "gen_share"),
     ("machine", "{:>7.0%}", "machine_busy"),
+    ("others", "{:>6.0%}", "others_share"),
     ("saturated", "{:>9}", "saturated"),
 )
 
@@ -876,7 +923,7 @@ def _medians(rows: list[dict[str, Any]], workers: Sequence[int]) -> list[dict[st
         med: dict[str, Any] = {"workers": w, "round": "med"}
         for _n, _fmt, key in _COLS[2:]:
             vals = [x[key] for x in mine if x[key] is not None]
-            if key == "saturated":
+            if key in ("saturated", "hold_stop"):
                 med[key] = "/".join(sorted({str(v) for v in vals}))
             elif vals:
                 med[key] = statistics.median(vals)
