@@ -25,6 +25,7 @@ import json
 import secrets
 import shlex
 import tempfile
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import psutil  # type: ignore[import-untyped,unused-ignore]
+from prometheus_client.parser import text_string_to_metric_families
 
 from .bench_server import issue2_trace
 from .procstat import MachineBusy, PostgresCpu
@@ -214,6 +216,7 @@ def _run_one(
         pg_s = None if pg is None else pg.seconds()  # before the backends exit
         redis_s = redis.seconds()
         machine = busy.share()
+        counted = _scrape(srvs) if b.tree is not None else {}
     finally:
         for srv in srvs:
             srv.stop()
@@ -233,12 +236,18 @@ def _run_one(
         "redis_us_per_msg": _per_msg(redis_s, rep),
         "nodes": b.nodes,
         "machine_busy": round(machine, 3),
+        "metrics": counted,
     }
+    conflicts, batches = (
+        counted.get("chatd_storage_conflicts"),
+        counted.get("chatd_storage_batches"),
+    )
     print(
         f"{b.name:>12} r{r}  achieved {row['achieved']:>8,.1f} msg/s  "
         f"server {row['server_us_per_msg']} µs/msg  "
         + (f"postgres {row['pg_us_per_msg']} µs/msg  " if pg is not None else "")
         + (f"redis {row['redis_us_per_msg']} µs/msg  " if redis_s is not None else "")
+        + (f"conflicts {conflicts:.0f}/{batches:.0f} batches  " if conflicts and batches else "")
         + f"machine busy {machine:.0%}  "
         f"send->msg p50 {row['send_msg_p50']} p99 {row['send_msg_p99']} ms  "
         f"tester saturated {'YES' if row['tester_saturated'] else 'no'}  "
@@ -265,6 +274,27 @@ def _start(b: Build, r: int, secret: str, td: Path, extra: list[str]) -> list[Se
             srv.stop()
         raise
     return srvs
+
+
+_SCRAPED = ("chatd_storage_conflicts", "chatd_storage_batches", "chatd_fleet_limit_checks")
+
+
+def _scrape(srvs: list[ServerProc]) -> dict[str, float]:
+    """A few counters of the nodes' /metrics, summed over nodes (and labels); a build
+    that does not export one leaves it out."""
+    out: dict[str, float] = {}
+    for srv in srvs:
+        try:
+            url = f"http://127.0.0.1:{srv.port}/metrics"
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                text = resp.read().decode()
+        except OSError:
+            continue
+        for family in text_string_to_metric_families(text):
+            if family.name in _SCRAPED:
+                total = sum(s.value for s in family.samples if s.name.endswith("_total"))
+                out[family.name] = out.get(family.name, 0.0) + total
+    return out
 
 
 class RedisCpu:
