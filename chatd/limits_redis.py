@@ -133,7 +133,7 @@ class RedisLimits:
         heartbeat: float = 2.0,
         node_ttl: float = 10.0,
         rotate: float = 6 * 3600.0,
-        backoff: tuple[float, float] = (0.05, 2.0),
+        backoff: tuple[float, float] = (0.05, 0.5),
         max_batch: int = 5000,
     ) -> None:
         self._conn_class, self._conn_kwargs, self._where = settings(url)

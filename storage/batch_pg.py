@@ -1,8 +1,10 @@
 """The PostgreSQL group commit: one batch in two round trips on a plain asyncpg connection.
 
-    SELECT chatd_batch_read(...)     steps 1-4 (storage/plan.py) on the server: missing
-                                     rows created, every row the plan needs (a statement
-                                     of its own: its locks end with it)
+    SELECT chatd_batch_read2(...)    steps 1-4 (storage/plan.py) on the server: every
+                                     row the plan needs (a statement of its own: its
+                                     locks end with it); rows it misses (new people, new
+                                     conversations) are created by chatd_create_rows in a
+                                     transaction of its own, and it is asked again
     (step 5 in Python: `storage.plan.BatchPlan`, the same code as on SQLite)
     SELECT chatd_batch_write_checked(...)
                                      step 6 on the server, from parallel arrays, in a
@@ -13,13 +15,14 @@ If another commit moved one of those rows in between (another node's, or this no
 other writer's, for the same people), the check raises 40001 and the batch is done
 again the locked way, which cannot fail so:
 
-    BEGIN; chatd_batch_read (its locks held); plan; chatd_batch_write; COMMIT
+    BEGIN; chatd_batch_read2 (its locks held); plan; chatd_batch_write; COMMIT
 
 Locks were held across three round trips and a busy event loop for every batch; two
 nodes that write for the same people then queued on each other (migration 0004 says
 more). Now they are held for one statement, except after a conflict.
 
-The functions are created by migrations 0002 and 0004. `PrefetchIO` is the `BatchIO`
+The functions are created by migrations 0002 and 0004 (which says why rows are
+created apart). `PrefetchIO` is the `BatchIO`
 the plan runs on: it answers steps 1-4 from the read function's answer and
 records step 6 for the write function, so the plan stays synchronous and backend
 free. SQLAlchemy is not on this path: its per-statement cost was most of the
@@ -54,7 +57,8 @@ _CONNECT_TIMEOUT_S = 10.0
 _COMMAND_TIMEOUT_S = 30.0
 """A batch whose statements take longer (a hung connection) fails and reconnects."""
 
-_READ_SQL = "SELECT chatd_batch_read($1, $2, $3, $4, $5, $6)"
+_READ_SQL = "SELECT chatd_batch_read2($1, $2, $3, $4, $5, $6)"
+_CREATE_SQL = "SELECT chatd_create_rows($1, $2, $3, $4)"
 _WRITE_SQL = "SELECT chatd_batch_write(" + ", ".join(f"${i}" for i in range(1, 35)) + ")"
 _CHECKED_SQL = "SELECT chatd_batch_write_checked(" + ", ".join(f"${i}" for i in range(1, 39)) + ")"
 
@@ -77,7 +81,7 @@ _MEMBER_COLS = ("user_id", "conv", "peer", "delivered", "read", "last_recv_seq",
 
 
 class PrefetchIO:
-    """A `storage.batch_io.BatchIO` over the answer of `chatd_batch_read` (steps 1-4 done
+    """A `storage.batch_io.BatchIO` over the answer of `chatd_batch_read2` (steps 1-4 done
     on the server: every row exists and is locked) that records step 6's rows."""
 
     def __init__(self, answer: Mapping[str, Any]) -> None:
@@ -118,12 +122,12 @@ class PrefetchIO:
         return [self._convs[c] for c in keys if c in self._convs]
 
     def insert_missing(self, table: str, key: Sequence[str], rows: Sequence[Row]) -> None:
-        # chatd_batch_read created every row the plan asks for; a miss is a bug in one of them.
-        raise RuntimeError(f"chatd_batch_read did not create the {table} rows the plan needs")
+        # Every row the plan asks for exists (`_read`); a miss is a bug in one of them.
+        raise RuntimeError(f"chatd_batch_read2 did not find the {table} rows the plan needs")
 
     def insert_messages(self, rows: Sequence[Row]) -> list[int]:
         if len(rows) > len(self._mids):
-            raise RuntimeError("chatd_batch_read allotted too few message ids")
+            raise RuntimeError("chatd_batch_read2 allotted too few message ids")
         mids = self._mids[: len(rows)]
         self.messages.extend({**r, "mid": mid} for r, mid in zip(rows, mids, strict=True))
         return mids
@@ -170,7 +174,7 @@ def _columns(rows: Sequence[Row], cols: Sequence[str]) -> list[list[Any]]:
 
 
 def read_args(batch: Sequence[Op]) -> list[list[str]]:
-    """The 6 arrays of `chatd_batch_read`: the sends (sender, recipient, cmid, conv) in
+    """The 6 arrays of `chatd_batch_read2`: the sends (sender, recipient, cmid, conv) in
     queue order, and the marks (user, conv)."""
     sends = [op for op in batch if isinstance(op, SendOp)]
     marks = [op for op in batch if isinstance(op, MarkOp)]
@@ -182,6 +186,33 @@ def read_args(batch: Sequence[Op]) -> list[list[str]]:
         [m.user for m in marks],
         [m.conv for m in marks],
     ]
+
+
+class _RowsMissing(Exception):
+    def __init__(self, answer: Mapping[str, Any]) -> None:
+        super().__init__("rows missing")
+        self.answer = answer
+
+
+async def _read(conn: asyncpg.Connection, batch: Sequence[Op]) -> Mapping[str, Any]:
+    """`chatd_batch_read2`'s answer for `batch`. Rows it misses (new people, new
+    conversations) are created first by `chatd_create_rows`, in a transaction of its
+    own (inside one, `_RowsMissing` says so: the caller rolls back and creates them)."""
+    args = read_args(batch)
+    for _ in range(3):
+        answer: Mapping[str, Any] = json.loads(await conn.fetchval(_READ_SQL, *args))
+        if not answer.get("missing"):
+            return answer
+        if conn.is_in_transaction():
+            raise _RowsMissing(answer)
+        await _create(conn, answer)
+    raise RuntimeError("chatd_batch_read2 kept finding rows missing")
+
+
+async def _create(conn: asyncpg.Connection, missing: Mapping[str, Any]) -> None:
+    """Insert the rows `chatd_batch_read2` found missing (each `ON CONFLICT DO NOTHING`)."""
+    cols = [missing.get(k) or [] for k in ("users", "convs", "a", "b")]
+    await conn.execute(_CREATE_SQL, *cols)
 
 
 class PgBatchWriter:
@@ -218,11 +249,7 @@ class PgBatchWriter:
             results = await self._checked(conn, batch)
             if results is None:
                 self.conflicts += 1
-                async with conn.transaction():
-                    answer = json.loads(await conn.fetchval(_READ_SQL, *read_args(batch)))
-                    io = PrefetchIO(answer)
-                    results = apply_batch(io, batch)
-                    await conn.execute(_WRITE_SQL, *io.write_args())
+                results = await self._locked(conn, batch)
         except BaseException as exc:
             if (
                 isinstance(exc, asyncpg.PostgresError)
@@ -240,7 +267,7 @@ class PgBatchWriter:
     async def _checked(conn: asyncpg.Connection, batch: Sequence[Op]) -> list[object] | None:
         """The batch in two statements, each its own transaction; None if the write
         found a row moved since the read (nothing of the batch is stored then)."""
-        answer = json.loads(await conn.fetchval(_READ_SQL, *read_args(batch)))
+        answer = await _read(conn, batch)
         io = PrefetchIO(answer)
         seen = io.seen()  # before the plan, which may change its rows
         results = apply_batch(io, batch)
@@ -249,6 +276,20 @@ class PgBatchWriter:
         except (asyncpg.SerializationError, asyncpg.UniqueViolationError):
             return None  # (a unique violation: the same (sender, cmid) came in between)
         return results
+
+    @staticmethod
+    async def _locked(conn: asyncpg.Connection, batch: Sequence[Op]) -> list[object]:
+        """The batch in one transaction, its rows locked from the read to the COMMIT."""
+        for _ in range(3):
+            try:
+                async with conn.transaction():
+                    io = PrefetchIO(await _read(conn, batch))
+                    results = apply_batch(io, batch)
+                    await conn.execute(_WRITE_SQL, *io.write_args())
+                return results
+            except _RowsMissing as missing:  # rolled back: create them, and again
+                await _create(conn, missing.answer)
+        raise RuntimeError("chatd_batch_read2 kept finding rows missing")
 
     async def close(self) -> None:
         idle, self._idle = self._idle, []
