@@ -777,6 +777,7 @@ def _one_run(
     base, _, query = opt.pg.partition("?")
     db = f"{base.rsplit('/', 1)[0]}/chatd_conns_{tag}_w{workers}" + (f"?{query}" if query else "")
     t_run = time.monotonic()
+    tree = tree_state()
     with _round_db(["--db", db], r) as (db_args, their_pg):
         pg = None if their_pg is None else PgCpu(their_pg.dbname)
         fleet = Fleet(
@@ -815,6 +816,7 @@ def _one_run(
     row = {
         "workers": workers,
         "round": r,
+        "tree": tree,
         "server_pids": pids,
         "server_alive_before_stop": alive,
         "server_left_running": left,
@@ -931,6 +933,28 @@ def _medians(rows: list[dict[str, Any]], workers: Sequence[int]) -> list[dict[st
     return out
 
 
+def tree_state() -> str:
+    """The commit of the chatd tree served (`python -m chatd` runs this checkout), and how
+    many of its server files differ from it (others may be editing them)."""
+    root = Path(__file__).resolve().parents[1]
+    git = shutil.which("git")
+    if git is None or not (root / ".git").exists():
+        return "unknown"
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        run = [git, "-C", str(root)]
+        sha = subprocess.run(
+            [*run, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            [*run, "status", "--porcelain", "--", "chatd", "storage", "protocol"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.splitlines()
+        return sha + (f" + {len(dirty)} changed file(s)" if dirty else "")
+    return "unknown"
+
+
 def run_conns(opt: ConnsOptions, out: Path | None = None) -> list[dict[str, Any]]:
     """Every run (workers alternating, `opt.rounds` rounds); prints a line per run and the
     table; writes conns.json into `out` when given."""
@@ -958,7 +982,7 @@ def run_conns(opt: ConnsOptions, out: Path | None = None) -> list[dict[str, Any]
             f"round(s); {opt.hellos:,} hellos, then hold up to {opt.target:,}; "
             f"{opt.procs} generator processes x {opt.inflight} in flight from 127.0.0.2-"
             f"{1 + opt.procs}; broker {redis_url} ({'own' if redis else 'shared'}); "
-            f"{os.cpu_count()} cores ==",
+            f"{os.cpu_count()} cores; chatd {tree_state()} ==",
             flush=True,
         )
         for r in range(opt.rounds):
