@@ -24,8 +24,9 @@ with every other node's.
 
 Faults: a supervisor per connection reconnects with jittered backoff (0.05 s
 doubling to 0.5 s: a node tries twice a second at most, and is back within about
-0.5 s of Redis; loadtest/blink.py measured 1.0-1.8 s with a 2 s cap). The pub/sub link is PINGed every `ping_interval`; silence for
-`ping_interval + timeout` is a dead link. Back, it resubscribes every wanted
+0.5 s of Redis; loadtest/blink.py measured 1.0-1.8 s with a 2 s cap). The pub/sub
+link is PINGed every `ping_interval`; silence for `ping_interval + timeout` is a dead
+link. Back, it resubscribes every wanted
 channel in batches, waits for a PING sent behind them, and calls `resync`. A
 failed publish round trip drops its batch (counted); once one works again a
 notice goes on `{prefix}ctl` (at most once per `ping_interval`) and every node,

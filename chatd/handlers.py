@@ -63,6 +63,12 @@ _MARKS_KEPT = 1024
 
 Watermarks = dict[tuple[int | str, str], int]
 
+_LIMITED = {
+    "send": "too many messages; retry later",
+    "mark": "too many refused marks",
+    "typing": "typing too often",
+}
+
 
 def now_ms() -> int:
     return int(time.time() * 1000)
@@ -146,7 +152,7 @@ class _InFlight:
                 self._host.hold_writes(False)
 
     async def settle(self) -> None:
-        if self._futs:
+        while self._futs:  # (a fleet answer may start a write meanwhile)
             await asyncio.gather(*self._futs, return_exceptions=True)
 
 
@@ -234,6 +240,13 @@ class Requests:
         except Exception as exc:
             self.fail(rid, exc)
 
+    def _limited(self, what: str, wait: float, rid: Any = None) -> FrameError:
+        """The `rate_limited` error of request `rid` over a rate (`wait`: seconds until
+        it would pass), counted."""
+        self.ctx.metrics.rate_limited[what] += 1
+        retry = math.ceil(wait * 1000)
+        return FrameError(ErrorCode.RATE_LIMITED, _LIMITED[what], rid, retry_ms=retry)
+
     def _publish(self, events: list[tuple[str, LiveEvent]]) -> None:
         self.ctx.metrics.published_at = time.time()  # the in-process broker's lag stamp
         try:
@@ -256,12 +269,7 @@ class Requests:
         wait = self.state.sends.take(time.monotonic())
         refused: FrameError | None = None
         if wait > 0.0:
-            self.ctx.metrics.rate_limited["send"] += 1
-            refused = FrameError(
-                ErrorCode.RATE_LIMITED,
-                "too many messages; retry later",
-                retry_ms=max(1, math.ceil(wait * 1000)),
-            )
+            refused = self._limited("send", wait)
         elif f.to == self.user:
             refused = FrameError(ErrorCode.BAD_REQUEST, "cannot send to yourself")
         if refused is not None:
@@ -303,12 +311,7 @@ class Requests:
             self._submit(f, started, wait is not None)
             return
         self.state.sends.refund()
-        self.ctx.metrics.rate_limited["send"] += 1
-        refused = FrameError(
-            ErrorCode.RATE_LIMITED,
-            "too many messages; retry later",
-            retry_ms=max(1, math.ceil(wait * 1000)),
-        )
+        refused = self._limited("send", wait)
         self.host.hold_for(self.guard(f.id, self._dup_or_refuse(f, refused, False)))
 
     def _submit(self, f: Send, started: float, fleet_took: bool) -> None:
@@ -406,9 +409,7 @@ class Requests:
             raise FrameError(ErrorCode.BAD_REQUEST, "not a conversation of yours")
         wait = self.state.waste.wait(time.monotonic())
         if wait > 0.0:  # marks on conversations not the user's used up the budget
-            self.ctx.metrics.rate_limited["mark"] += 1
-            retry = max(1, math.ceil(wait * 1000))
-            raise FrameError(ErrorCode.RATE_LIMITED, "too many refused marks", retry_ms=retry)
+            raise self._limited("mark", wait)
         key = (f.conv, f.kind)
         marked = self._marked
         capped = self._capped
@@ -486,14 +487,9 @@ class Requests:
 
     def _typing_refused(self, f: Typing, wait: float) -> None:
         """Over the typing rate: an error if it asked for an answer, else dropped."""
-        self.ctx.metrics.rate_limited["typing"] += 1
+        refused = self._limited("typing", wait, f.id)
         if f.id is not None:
-            raise FrameError(
-                ErrorCode.RATE_LIMITED,
-                "typing too often",
-                f.id,
-                retry_ms=max(1, math.ceil(wait * 1000)),
-            )
+            raise refused
 
     def _typing_go(self, f: Typing) -> None:
         data = encode_map(typing_map(self.user, f.on))

@@ -13,7 +13,7 @@ from storage.base import Store
 from .broker import Broker, BrokerUnavailable, LiveEvent
 from .config import Policy
 from .errors import ChatdError
-from .limits import SPREAD, FleetLimits, NodeOnly
+from .limits import FleetLimits, NodeOnly
 from .ratelimit import TokenBucket
 
 log = logging.getLogger("chatd.hub")
@@ -76,7 +76,7 @@ class Hub:
         state = self._users.get(user)
         if state is None:
             return
-        if not event.cur and event.data == SPREAD:  # not for the sessions: see `limits`
+        if event.cur < 0:  # SPREAD, not for the sessions: see `limits`
             self._fleet.spread(user)
             return
         sessions = state.sessions
@@ -123,15 +123,19 @@ class Hub:
             # attaches while the first one's SUBSCRIBE is on its way returns after it too.
             # Subscribed before the fleet counts it: a node that sees it there next
             # announces SPREAD on this channel, and it must arrive here (see `limits`).
+            subscribed = True
             try:
                 await self._broker.subscribe(user)
             except BrokerUnavailable:
                 # Served all the same: the broker subscribes when it is back (and
                 # resyncs); meanwhile the position checks bring this user's events.
                 log.warning("user %r attached while the broker is unavailable", user)
+                subscribed = False
             counted = await self._fleet.connect(user)  # None: unanswered, counted here
             if counted is False:
                 raise TooManyConnections(user)
+            if not subscribed:  # a SPREAD about this user may not reach this node
+                self._fleet.spread(user)
         except BaseException:
             await self._detach(session, counted is not False)
             raise

@@ -31,11 +31,15 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
 
+from .broker import LiveEvent
+
 __all__ = ["SPREAD", "FleetLimits", "FleetStats", "Kind", "NodeOnly"]
 
-SPREAD = b"\xc1spread"
-"""The data of the live event (cur 0) that says "this user is now on several nodes"
-(0xc1 is never used by msgpack: no frame starts with it). The hub takes it."""
+SPREAD = LiveEvent(-1, b"\xc1spread")
+"""The live event that says "this user is now on several nodes". The hub takes any
+event with a negative `cur` for it; a node of an older version hands it to its
+sessions, whose sequencers drop it as written already (cur -1 < 0), so a rolling
+upgrade shows clients nothing."""
 
 
 class Kind(Enum):

@@ -94,14 +94,36 @@ return 1
 _BEAT = b"""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local was = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]))
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
-if ARGV[3] ~= '' then redis.call('ZREM', KEYS[1], ARGV[3]) end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-return 1
+redis.call('PEXPIRE', KEYS[1], 3 * tonumber(ARGV[2]))
+if was and was >= now then return 1 end
+return 0
 """
-"""KEYS[1] the live incarnations; ARGV ours, its TTL (ms), the one it replaces or ''."""
+"""KEYS[1] the live incarnations (a key that outlives the last node by 3 TTLs); ARGV
+ours, its TTL (ms). Returns 0 if ours had lapsed (or is new): other nodes may have
+deleted its counts."""
 
-_SCRIPTS = (_RATE, _CONNECT, _DISCONNECT, _BEAT)
+_REGISTER = b"""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+local all = redis.call('HGETALL', KEYS[1])
+local others = 0
+for i = 1, #all, 2 do
+  if all[i] ~= ARGV[1] and tonumber(all[i + 1]) > 0
+     and (tonumber(redis.call('ZSCORE', KEYS[2], all[i])) or 0) >= now then
+    others = others + 1
+  end
+end
+return others
+"""
+"""KEYS[1] the user's connections, KEYS[2] the live incarnations; ARGV ours, how many
+it holds, the key's TTL (ms). Returns the other live incarnations holding the user."""
+
+_SCRIPTS = (_RATE, _CONNECT, _DISCONNECT, _BEAT, _REGISTER)
 
 
 class _Op(Enum):
@@ -109,6 +131,8 @@ class _Op(Enum):
     REFUND = 1
     CONNECT = 2
     DISCONNECT = 3
+    LEAVE = 4
+    """Closing: this node's counts stop counting at once."""
 
 
 @dataclass(slots=True)
@@ -117,6 +141,9 @@ class _Check:
     user: str
     kind: Kind = Kind.SEND
     fut: asyncio.Future[float | None] | None = field(default=None)
+    spreads: int = 0
+    """`RedisLimits._spreads` when a CONNECT was queued: if a SPREAD came in since, its
+    answer cannot make the user solo (the SPREAD may be about this very connect)."""
 
 
 class RedisLimits:
@@ -159,6 +186,8 @@ class RedisLimits:
         """Connections per user this node holds that were not refused."""
         self._solo: set[str] = set()
         """Users held here and nowhere else, as of their last connect (see `limits`)."""
+        self._spreads = 0
+        """`spread` calls so far (see `_Check.spreads`)."""
         self._announce: Callable[[str], None] = lambda user: None
         self._queue: deque[_Check] = deque()
         self._in_flight: list[_Check] = []
@@ -182,8 +211,16 @@ class RedisLimits:
             log.warning("fleet limits: redis at %s unreachable; node limits apply", self._where)
 
     async def close(self) -> None:
+        """Send what is queued (disconnects) and take this node's counts out of the
+        fleet at once (within `timeout`), then stop."""
         if self._closed:
             return
+        if self._up.is_set():
+            fut: asyncio.Future[float | None] = asyncio.get_running_loop().create_future()
+            self._push(_Check(_Op.LEAVE, "", fut=fut))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._timeout):
+                    await fut
         self._closed = True
         if self._task is not None:
             self._task.cancel()
@@ -192,6 +229,7 @@ class RedisLimits:
         self._queue.clear()
 
     def spread(self, user: str | None = None) -> None:
+        self._spreads += 1
         if user is None:
             self._solo.clear()
         else:
@@ -218,7 +256,7 @@ class RedisLimits:
             self._solo.discard(user)
             return None
         fut: asyncio.Future[float | None] = asyncio.get_running_loop().create_future()
-        self._push(_Check(_Op.CONNECT, user, fut=fut))
+        self._push(_Check(_Op.CONNECT, user, fut=fut, spreads=self._spreads))
         try:
             got = await asyncio.shield(fut)
         except asyncio.CancelledError:  # counted all the same (see `_resolve`): undo it
@@ -266,7 +304,7 @@ class RedisLimits:
         this one that hold the user (a connect's)."""
         if check.op is _Op.CONNECT and result != 0.0:
             self._count(check.user, 1)
-            if result is None or others:
+            if result is None or others or check.spreads != self._spreads:
                 self._solo.discard(check.user)
             else:
                 self._solo.add(check.user)
@@ -293,13 +331,9 @@ class RedisLimits:
     async def _serve(self, conn: AbstractConnection) -> None:
         """One connection's life: scripts, a new incarnation, then round trips."""
         try:
-            self._shas = [
-                sha
-                for sha in await self._call(conn, [(b"SCRIPT", b"LOAD", s) for s in _SCRIPTS])
-                if isinstance(sha, bytes)
-            ]
+            replies = await self._call(conn, [(b"SCRIPT", b"LOAD", s) for s in _SCRIPTS])
+            self._shas = [sha for sha in replies if isinstance(sha, bytes)]
             await self._register(conn)
-            self._up.set()
             if self._reconnects:
                 log.info("fleet limits: redis back at %s", self._where)
             loop = asyncio.get_running_loop()
@@ -312,13 +346,15 @@ class RedisLimits:
                         async with asyncio.timeout(max(next_beat - loop.time(), 0.0)):
                             await self._wake.wait()
                 now = loop.time()
-                if now >= next_rotate:
-                    await self._register(conn)
-                    next_rotate = now + self._rotate
                 beat = now >= next_beat
                 if beat:
                     next_beat = now + self._heartbeat
-                await self._round_trip(conn, beat)
+                lapsed = await self._round_trip(conn, beat)
+                if lapsed or now >= next_rotate:
+                    if lapsed:
+                        log.warning("fleet limits: %s had lapsed: registering anew", self._me)
+                    await self._register(conn)
+                    next_rotate = now + self._rotate
         finally:
             if self._up.is_set() and not self._closed:
                 self._reconnects += 1
@@ -330,63 +366,92 @@ class RedisLimits:
             self._queue.clear()
 
     async def _register(self, conn: AbstractConnection) -> None:
-        """Take a new incarnation and count what this node holds under it (at once:
-        disconnects still queued are in `_held` already, and are dropped)."""
+        """Take a new incarnation and count what this node holds under it: at once (the
+        disconnects still queued are in `_held` already, and are dropped; checks made
+        from now on queue behind this), then in Redis, then the old one is removed (so
+        that one of them counts all along). Users held elsewhere too are announced
+        (SPREAD); the others are solo here."""
         old, self._me = self._me, f"{self._node}/{secrets.token_hex(4)}".encode()
-        self._solo.clear()  # announcements may have been lost meanwhile
+        self._solo.clear()
+        self._spreads += 1
+        spreads = self._spreads
         kept = [c for c in self._queue if c.op is not _Op.DISCONNECT]
         self._queue.clear()
         self._queue.extend(kept)
-        beat = self._beat(old)
-        cmds = [beat]
-        for user, n in self._held.items():
-            key = self._prefix + b"conns:" + user.encode()
-            cmds += [(b"HINCRBY", key, self._me, b"%d" % n), (b"PEXPIRE", key, self._key_ttl_ms)]
-        for i in range(0, len(cmds), self._max_batch):
-            await self._call(conn, cmds[i : i + self._max_batch])
-        log.info(
-            "fleet limits: node %s holds %d users' connections", self._me.decode(), len(self._held)
-        )
+        held = list(self._held.items())
+        self._up.set()
+        await self._call(conn, [self._beat()])
+        sha, nodes, ttl = self._shas[4], self._nodes_key, self._key_ttl_ms
+        for i in range(0, len(held), self._max_batch):
+            chunk = held[i : i + self._max_batch]
+            cmds: list[tuple[bytes, ...]] = [
+                (b"EVALSHA", sha, b"2", self._key(u), nodes, self._me, b"%d" % n, ttl)
+                for u, n in chunk
+            ]
+            for (user, _n), others in zip(chunk, await self._call(conn, cmds), strict=True):
+                if others:
+                    self._announce(user)
+                elif spreads == self._spreads and user in self._held:
+                    self._solo.add(user)
+        if old:
+            await self._call(conn, [(b"ZREM", nodes, old)])
+        me = self._me.decode()
+        log.info("fleet limits: %s registered the connections of %d users", me, len(held))
 
-    def _beat(self, old: bytes = b"") -> tuple[bytes, ...]:
-        return (b"EVALSHA", self._shas[3], b"1", self._nodes_key, self._me, self._node_ttl_ms, old)
+    def _beat(self) -> tuple[bytes, ...]:
+        return (b"EVALSHA", self._shas[3], b"1", self._nodes_key, self._me, self._node_ttl_ms)
+
+    def _key(self, user: str) -> bytes:
+        return self._prefix + b"conns:" + user.encode()
 
     def _command(self, c: _Check) -> tuple[bytes, ...]:
-        user = c.user.encode()
         if c.op is _Op.TAKE or c.op is _Op.REFUND:
             interval, burst = self._rates[c.kind]
-            key = self._prefix + b"rl:" + c.kind.value.encode() + b":" + user
+            key = self._prefix + b"rl:" + c.kind.value.encode() + b":" + c.user.encode()
             how = b"1" if c.op is _Op.TAKE else b"-1"
             return (b"EVALSHA", self._shas[0], b"1", key, interval, burst, how)
-        key = self._prefix + b"conns:" + user
         if c.op is _Op.CONNECT:
             nodes, ttl = self._nodes_key, self._key_ttl_ms
+            key = self._key(c.user)
             return (b"EVALSHA", self._shas[1], b"2", key, nodes, self._me, self._max_conns, ttl)
-        return (b"EVALSHA", self._shas[2], b"1", key, self._me)
+        if c.op is _Op.DISCONNECT:
+            return (b"EVALSHA", self._shas[2], b"1", self._key(c.user), self._me)
+        return (b"ZREM", self._nodes_key, self._me)  # LEAVE
 
-    async def _round_trip(self, conn: AbstractConnection, beat: bool) -> None:
+    async def _round_trip(self, conn: AbstractConnection, beat: bool) -> bool:
+        """Send what is queued (and a heartbeat); True if the heartbeat found this
+        incarnation lapsed."""
         n = min(len(self._queue), self._max_batch)
         self._in_flight = batch = [self._queue.popleft() for _ in range(n)]
         cmds = [self._command(c) for c in batch]
         if beat:
             cmds.append(self._beat())
         if not cmds:
-            return
+            return False
         replies = await self._call(conn, cmds)
-        self._in_flight = []
-        for check, reply in zip(batch, replies, strict=False):
+        try:
+            for check, reply in zip(batch, replies, strict=False):
+                self._answer(check, reply)
+        finally:  # an answer that could not be read is unanswered
+            self._unanswer([c for c in batch if c.fut is not None and not c.fut.done()])
+            self._in_flight = []
+        return beat and replies[-1] == 0
+
+    def _answer(self, check: _Check, reply: object) -> None:
+        if check.op is _Op.TAKE:  # 0: taken; else the µs until one would be
             n = reply if isinstance(reply, int) else 0
-            if check.op is _Op.TAKE:  # 0: taken; else the µs until one would be
-                self._refused += n > 0
-                self._allowed += n == 0
-                self._resolve(check, n / 1e6)
-            elif check.op is _Op.CONNECT and isinstance(reply, list):  # [counted, others]
-                counted, others = reply
-                self._refused += counted == 0
-                self._allowed += counted != 0
-                self._resolve(check, float(counted), others)
-                if counted and others:  # tell the nodes that took it for solo
-                    self._announce(check.user)
+            self._refused += n > 0
+            self._allowed += n == 0
+            self._resolve(check, n / 1e6)
+        elif check.op is _Op.CONNECT:  # [counted, other nodes holding the user]
+            counted, others = reply if isinstance(reply, list) else (1, 1)
+            self._refused += counted == 0
+            self._allowed += counted != 0
+            self._resolve(check, float(counted), others)
+            if counted and others:  # tell the nodes that took it for solo
+                self._announce(check.user)
+        elif check.op is _Op.LEAVE:
+            self._resolve(check, 0.0)
 
     async def _call(self, conn: AbstractConnection, cmds: list[tuple[bytes, ...]]) -> list[object]:
         """Send `cmds` in one write and read every reply, within `timeout`."""

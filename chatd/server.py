@@ -36,6 +36,12 @@ log = logging.getLogger("chatd.server")
 
 __all__ = ["Server", "authenticator_for", "build_broker", "build_limits", "build_store"]
 
+_BACKLOG = 4096
+"""The listen backlog (asyncio's default is 100): a reconnect storm after a node restart
+overflowed it, and each dropped SYN waits 1 s, then 3 s, for its retransmission
+(loadtest/conns.py: p99 4.6 s with 256 connects in flight). The kernel caps it at
+net.core.somaxconn."""
+
 
 def authenticator_for(config: Config) -> Authenticator:
     """Verifies with the account service's public keys when given (and creates no secret),
@@ -162,6 +168,7 @@ class Server:
             ping_timeout=cfg.ping_timeout,
             close_timeout=5,
             server_header="chatd",
+            backlog=_BACKLOG,
             open_timeout=cfg.open_timeout,
             reuse_port=cfg.reuse_port,
             create_connection=connection_class(self.admission),
@@ -223,7 +230,7 @@ class Server:
         self.limits.spread()
 
     def _announce_spread(self, user: str) -> None:
-        self.broker.publish([(user, LiveEvent(0, SPREAD))])
+        self.broker.publish([(user, SPREAD)])
 
     async def __aenter__(self) -> Server:
         try:

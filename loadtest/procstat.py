@@ -43,9 +43,13 @@ class PostgresCpu:
                 cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
                 if not cmd.startswith("postgres: "):
                     continue
+                # "postgres: [CLUSTER: ]USER DB HOST(PORT) STATE" for a backend (Debian
+                # names the cluster, "15/main:"): the database is the word before the host.
                 words = cmd.split()
-                backend = len(words) > 3 and ("(" in words[3] or words[3] == "[local]")
-                if backend and words[2] != self.dbname:
+                host = next(
+                    (i for i, w in enumerate(words) if w.endswith(")") or w == "[local]"), -1
+                )
+                if host > 0 and words[host - 1] != self.dbname:
                     continue
                 out[proc.name] = _cpu_ticks(proc.name)
             except (OSError, ValueError, IndexError):

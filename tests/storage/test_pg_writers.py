@@ -80,6 +80,7 @@ async def test_two_nodes_writing_for_the_same_people_keep_every_invariant(pg_url
         await node.open()
     try:
         users = [f"u{i}" for i in range(6)]
+        sends = 0
         for rnd in range(10):  # until the conflict path has been taken (bounded)
             outs = await asyncio.gather(
                 *(
@@ -91,12 +92,17 @@ async def test_two_nodes_writing_for_the_same_people_keep_every_invariant(pg_url
                 )
             )
             assert all(isinstance(o, SendOutcome) and not o.dup for o in outs)
+            sends += len(outs)
             if sum(n.stats().conflicts for n in nodes) > 0:
                 break
         assert sum(n.stats().conflicts for n in nodes) > 0
         assert sum(n.stats().retries for n in nodes) == 0  # no deadlock, no lost race
+        events = 0
         for u in users:
-            assert_contiguous([e.cur for e in await all_events(nodes[0], u)])
+            curs = [e.cur for e in await all_events(nodes[0], u)]
+            assert_contiguous(curs)
+            events += len(curs)
+        assert events == 2 * sends  # each message once in its sender's and recipient's
         for a in users:
             for b in users:
                 if a < b:

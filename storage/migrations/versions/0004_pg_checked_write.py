@@ -92,8 +92,11 @@ DECLARE
     v_new_b text[];
     n_new int;
     v_stored json;
-    v_missing_users text[];
-    v_missing_convs boolean := false;
+    v_missing boolean := false;
+    v_miss_user text[] := '{}';
+    v_miss_conv text[] := '{}';
+    v_miss_a text[] := '{}';
+    v_miss_b text[] := '{}';
 BEGIN
     -- 1-2. everyone involved: both people of each send (only the sender of a
     -- duplicate: it creates no row, whatever its recipient), each marking member and
@@ -110,7 +113,8 @@ BEGIN
         ORDER BY user_id COLLATE "C" FOR UPDATE;
     GET DIAGNOSTICS n_locked = ROW_COUNT;
     IF n_locked < cardinality(v_users) THEN
-        SELECT array_agg(u ORDER BY u COLLATE "C") INTO v_missing_users
+        v_missing := true;  -- (even if, created meanwhile, none is missing now)
+        SELECT coalesce(array_agg(u ORDER BY u COLLATE "C"), '{}') INTO v_miss_user
           FROM unnest(v_users) AS u
          WHERE NOT EXISTS (SELECT 1 FROM users WHERE user_id = u);
     END IF;
@@ -141,18 +145,19 @@ BEGIN
         SELECT array_agg(p.cv ORDER BY p.cv COLLATE "C"),
                array_agg(least(p.s, p.r) ORDER BY p.cv COLLATE "C"),
                array_agg(greatest(p.s, p.r) ORDER BY p.cv COLLATE "C")
-          INTO v_new_conv, v_new_a, v_new_b
+          INTO v_miss_conv, v_miss_a, v_miss_b
           FROM (SELECT DISTINCT ON (k.cv) k.cv, k.s, k.r
                   FROM unnest(s_sender, s_recipient, s_conv) AS k(s, r, cv)
                  WHERE k.cv = ANY(v_new_conv)
                    AND NOT EXISTS (SELECT 1 FROM convs c WHERE c.conv = k.cv)) p;
-        v_missing_convs := cardinality(v_new_conv) > 0;
+        v_missing := true;
     END IF;
-    IF v_missing_users IS NOT NULL OR v_missing_convs THEN
+    IF v_missing THEN
         -- Created by chatd_create_rows in a transaction of its own, then read again:
         -- inserting here, between two rounds of row locks, could lock out of order.
-        RETURN json_build_object('missing', true, 'users', v_missing_users,
-            'convs', v_new_conv, 'a', v_new_a, 'b', v_new_b);
+        RETURN json_build_object('missing', true, 'users', v_miss_user,
+            'convs', coalesce(v_miss_conv, '{}'), 'a', coalesce(v_miss_a, '{}'),
+            'b', coalesce(v_miss_b, '{}'));
     END IF;
     RETURN json_build_object(
         'users', (SELECT json_agg(json_build_array(user_id, last_cur))
