@@ -101,9 +101,12 @@ class Config:
     """Share of max_connections for connections that have not said `hello` yet."""
     open_timeout: float = 5.0
     """Seconds a new TCP connection has to complete the WebSocket upgrade."""
-    db_writers: int = 2
-    """PostgreSQL: group commits in flight at once, each on a connection of its own (2:
-    one commits while the next is formed and sent; measured in loadtest/README.md)."""
+    db_writers: int = 1
+    """PostgreSQL: group commits in flight at once, each on a connection of its own. 1:
+    since a batch's write checks its rows instead of holding them locked, a node's own
+    writers conflict (most batches share people): with 2, 1,746-1,902 msg/s and a p99
+    of 0.46-1.3 s against 1,937-1,958 and 94-243 ms at 2,000 msg/s, one node or two
+    (loadtest/README.md, seventh sitting)."""
     group_commit: bool = True
     max_batch: int = 256
     commit_window_ms: float = 5.0
