@@ -1,8 +1,8 @@
 """The PostgreSQL group commit: one batch in two round trips on a plain asyncpg connection.
 
     SELECT chatd_batch_read2(...)    steps 1-4 (storage/plan.py) on the server: every
-                                     row the plan needs (a statement of its own, taking
-                                     no lock); rows it misses (new people, new
+                                     row the plan needs (a statement of its own: its
+                                     locks end with it); rows it misses (new people, new
                                      conversations) are created by chatd_create_rows in a
                                      transaction of its own, and it is asked again
     (step 5 in Python: `storage.plan.BatchPlan`, the same code as on SQLite)
@@ -57,7 +57,7 @@ _CONNECT_TIMEOUT_S = 10.0
 _COMMAND_TIMEOUT_S = 30.0
 """A batch whose statements take longer (a hung connection) fails and reconnects."""
 
-_READ_SQL = "SELECT chatd_batch_read2($1, $2, $3, $4, $5, $6, $7)"
+_READ_SQL = "SELECT chatd_batch_read2($1, $2, $3, $4, $5, $6)"
 _CREATE_SQL = "SELECT chatd_create_rows($1, $2, $3, $4)"
 _WRITE_SQL = "SELECT chatd_batch_write(" + ", ".join(f"${i}" for i in range(1, 35)) + ")"
 _CHECKED_SQL = "SELECT chatd_batch_write_checked(" + ", ".join(f"${i}" for i in range(1, 39)) + ")"
@@ -198,7 +198,7 @@ async def _read(conn: asyncpg.Connection, batch: Sequence[Op]) -> Mapping[str, A
     """`chatd_batch_read2`'s answer for `batch`. Rows it misses (new people, new
     conversations) are created first by `chatd_create_rows`, in a transaction of its
     own (inside one, `_RowsMissing` says so: the caller rolls back and creates them)."""
-    args = [*read_args(batch), conn.is_in_transaction()]  # lock them: the locked way
+    args = read_args(batch)
     for _ in range(3):
         answer: Mapping[str, Any] = json.loads(await conn.fetchval(_READ_SQL, *args))
         if not answer.get("missing"):

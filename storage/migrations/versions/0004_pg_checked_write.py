@@ -13,10 +13,6 @@ uses moves one of them), writes, and commits: locks are held for one statement. 
 another commit came in between it raises 40001, and the writer does the batch again
 the locked way (storage/batch_pg.py).
 
-`chatd_batch_read2(..., p_lock)` locks the rows it reads only for the locked way (the
-checked write locks and checks them itself: a lock taken by the read would only make it
-wait behind other batches' and write lock bits).
-
 `chatd_batch_read` (0002) created the missing users, convs and members rows between
 two rounds of row locks: a transaction could then hold a new row's key and wait for an
 old row that another held while it waited for that key (PostgreSQL's deadlock
@@ -85,7 +81,7 @@ $fn$
 READ2 = r"""
 CREATE OR REPLACE FUNCTION chatd_batch_read2(
     s_sender text[], s_recipient text[], s_cmid text[], s_conv text[],
-    m_user text[], m_conv text[], p_lock boolean
+    m_user text[], m_conv text[]
 ) RETURNS json LANGUAGE plpgsql AS $fn$
 DECLARE
     v_users text[];
@@ -113,13 +109,9 @@ BEGIN
           FROM unnest(m_user, m_conv) AS k(u, c)
           JOIN members mb ON mb.user_id = k.u AND mb.conv = k.c
     ) x;
-    IF p_lock THEN
-        PERFORM 1 FROM users WHERE user_id = ANY(v_users)
-            ORDER BY user_id COLLATE "C" FOR UPDATE;
-        GET DIAGNOSTICS n_locked = ROW_COUNT;
-    ELSE  -- the checked write locks and checks them
-        SELECT count(*) INTO n_locked FROM users WHERE user_id = ANY(v_users);
-    END IF;
+    PERFORM 1 FROM users WHERE user_id = ANY(v_users)
+        ORDER BY user_id COLLATE "C" FOR UPDATE;
+    GET DIAGNOSTICS n_locked = ROW_COUNT;
     IF n_locked < cardinality(v_users) THEN
         v_missing := true;  -- (even if, created meanwhile, none is missing now)
         SELECT coalesce(array_agg(u ORDER BY u COLLATE "C"), '{}') INTO v_miss_user
@@ -147,12 +139,8 @@ BEGIN
         UNION ALL SELECT mb.conv FROM unnest(m_user, m_conv) AS k(u, c)
           JOIN members mb ON mb.user_id = k.u AND mb.conv = k.c
     ) x;
-    IF p_lock THEN
-        PERFORM 1 FROM convs WHERE conv = ANY(v_convs) ORDER BY conv COLLATE "C" FOR UPDATE;
-        GET DIAGNOSTICS n_locked = ROW_COUNT;
-    ELSE
-        SELECT count(*) INTO n_locked FROM convs WHERE conv = ANY(v_convs);
-    END IF;
+    PERFORM 1 FROM convs WHERE conv = ANY(v_convs) ORDER BY conv COLLATE "C" FOR UPDATE;
+    GET DIAGNOSTICS n_locked = ROW_COUNT;
     IF n_locked < cardinality(v_convs) THEN
         SELECT array_agg(p.cv ORDER BY p.cv COLLATE "C"),
                array_agg(least(p.s, p.r) ORDER BY p.cv COLLATE "C"),
@@ -208,8 +196,7 @@ $fn$
 """
 
 _DROP = (
-    "DROP FUNCTION IF EXISTS chatd_batch_read2(text[], text[], text[], text[], text[], text[], "
-    "boolean)",
+    "DROP FUNCTION IF EXISTS chatd_batch_read2(text[], text[], text[], text[], text[], text[])",
     "DROP FUNCTION IF EXISTS chatd_create_rows(text[], text[], text[], text[])",
     "DROP FUNCTION IF EXISTS chatd_batch_write_checked(text[], bigint[], text[], bigint[], "
     "bigint[], text[], bigint[], text[], text[], "
