@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import pytest
 
 from storage.base import SendOutcome, StorageUnavailable, Store
+from storage.batch_pg import Way
 from storage.ops import Op
 from storage.sql import SqlStore
 from tests.storage.helpers import TS, all_events, assert_contiguous, run_case
@@ -112,3 +113,14 @@ async def test_two_nodes_writing_for_the_same_people_keep_every_invariant(pg_url
     finally:
         for node in nodes:
             await node.close()
+
+
+def test_the_way_turns_locked_while_checked_writes_conflict_and_probes_back() -> None:
+    way = Way(threshold=0.25, probe=5)
+    assert way.checked()
+    for _ in range(5):
+        way.tried(conflict=True)  # 41 % of recent checked writes conflicted
+    assert [way.checked() for _ in range(10)] == ([False] * 4 + [True]) * 2  # probes
+    for _ in range(20):
+        way.tried(conflict=False)  # the probes pass: conflicts have become rare
+    assert way.checked() and way.checked()
