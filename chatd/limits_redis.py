@@ -109,6 +109,7 @@ _REGISTER = b"""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+if ARGV[4] ~= '' then redis.call('HDEL', KEYS[1], ARGV[4]) end
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 local all = redis.call('HGETALL', KEYS[1])
 local others = 0
@@ -121,7 +122,8 @@ end
 return others
 """
 """KEYS[1] the user's connections, KEYS[2] the live incarnations; ARGV ours, how many
-it holds, the key's TTL (ms). Returns the other live incarnations holding the user."""
+it holds, the key's TTL (ms), the incarnation it replaces ('' if none: its count moves
+to ours in one step). Returns the other live incarnations holding the user."""
 
 _SCRIPTS = (_RATE, _CONNECT, _DISCONNECT, _BEAT, _REGISTER)
 
@@ -176,6 +178,8 @@ class RedisLimits:
         }
         self._max_conns = b"%d" % policy.max_connections_per_user
         self._timeout, self._heartbeat, self._backoff = timeout, heartbeat, backoff
+        if node_ttl < 2 * heartbeat:
+            raise ValueError("node_ttl must be at least two heartbeats")
         self._node_ttl_ms = b"%d" % round(node_ttl * 1000)
         self._key_ttl_ms = b"%d" % round(4 * rotate * 1000)
         self._rotate, self._max_batch = rotate, max_batch
@@ -188,6 +192,14 @@ class RedisLimits:
         """Users held here and nowhere else, as of their last connect (see `limits`)."""
         self._spreads = 0
         """`spread` calls so far (see `_Check.spreads`)."""
+        self._spread_at: dict[str, int] = {}
+        """`_spreads` at the last `spread` of each user held here or being connected."""
+        self._connecting: dict[str, int] = {}
+        """CONNECT checks queued or in flight, per user."""
+        self._all_spread_at = 0
+        """`_spreads` at the last `spread()` of every user (and registration)."""
+        self._leaving = False
+        """`close` has sent LEAVE: no heartbeat or registration may bring us back."""
         self._announce: Callable[[str], None] = lambda user: None
         self._queue: deque[_Check] = deque()
         self._in_flight: list[_Check] = []
@@ -216,6 +228,7 @@ class RedisLimits:
         if self._closed:
             return
         if self._up.is_set():
+            self._leaving = True
             fut: asyncio.Future[float | None] = asyncio.get_running_loop().create_future()
             self._push(_Check(_Op.LEAVE, "", fut=fut))
             with contextlib.suppress(TimeoutError):
@@ -231,9 +244,16 @@ class RedisLimits:
     def spread(self, user: str | None = None) -> None:
         self._spreads += 1
         if user is None:
+            self._all_spread_at = self._spreads
             self._solo.clear()
         else:
+            if user in self._held or user in self._connecting:
+                self._spread_at[user] = self._spreads
             self._solo.discard(user)
+
+    def _spread_since(self, user: str, epoch: int) -> bool:
+        """Whether `user` (or everyone) was spread after `epoch`."""
+        return max(self._all_spread_at, self._spread_at.get(user, 0)) > epoch
 
     def take(self, kind: Kind, user: str) -> asyncio.Future[float | None] | None:
         if user in self._solo:  # this node's buckets are the fleet's
@@ -256,6 +276,7 @@ class RedisLimits:
             self._solo.discard(user)
             return None
         fut: asyncio.Future[float | None] = asyncio.get_running_loop().create_future()
+        self._connecting[user] = self._connecting.get(user, 0) + 1
         self._push(_Check(_Op.CONNECT, user, fut=fut, spreads=self._spreads))
         try:
             got = await asyncio.shield(fut)
@@ -296,15 +317,23 @@ class RedisLimits:
             self._held[user] = n
         else:
             self._held.pop(user, None)
+            if user not in self._connecting:
+                self._spread_at.pop(user, None)
             self._solo.discard(user)
 
     def _resolve(self, check: _Check, result: float | None, others: int = 1) -> None:
         """Answer one check (None: unanswered). A connection that was not refused is
         held from this moment: re-registration counts it. `others`: nodes besides
         this one that hold the user (a connect's)."""
+        if check.op is _Op.CONNECT:
+            left = self._connecting.pop(check.user, 1) - 1
+            if left:
+                self._connecting[check.user] = left
+            elif result == 0.0 and check.user not in self._held:  # refused: forget it
+                self._spread_at.pop(check.user, None)
         if check.op is _Op.CONNECT and result != 0.0:
             self._count(check.user, 1)
-            if result is None or others or check.spreads != self._spreads:
+            if result is None or others or self._spread_since(check.user, check.spreads):
                 self._solo.discard(check.user)
             else:
                 self._solo.add(check.user)
@@ -346,11 +375,11 @@ class RedisLimits:
                         async with asyncio.timeout(max(next_beat - loop.time(), 0.0)):
                             await self._wake.wait()
                 now = loop.time()
-                beat = now >= next_beat
+                beat = now >= next_beat and not self._leaving
                 if beat:
                     next_beat = now + self._heartbeat
                 lapsed = await self._round_trip(conn, beat)
-                if lapsed or now >= next_rotate:
+                if (lapsed or now >= next_rotate) and not self._leaving:
                     if lapsed:
                         log.warning("fleet limits: %s had lapsed: registering anew", self._me)
                     await self._register(conn)
@@ -374,7 +403,7 @@ class RedisLimits:
         old, self._me = self._me, f"{self._node}/{secrets.token_hex(4)}".encode()
         self._solo.clear()
         self._spreads += 1
-        spreads = self._spreads
+        self._all_spread_at = spreads = self._spreads
         kept = [c for c in self._queue if c.op is not _Op.DISCONNECT]
         self._queue.clear()
         self._queue.extend(kept)
@@ -385,13 +414,13 @@ class RedisLimits:
         for i in range(0, len(held), self._max_batch):
             chunk = held[i : i + self._max_batch]
             cmds: list[tuple[bytes, ...]] = [
-                (b"EVALSHA", sha, b"2", self._key(u), nodes, self._me, b"%d" % n, ttl)
+                (b"EVALSHA", sha, b"2", self._key(u), nodes, self._me, b"%d" % n, ttl, old)
                 for u, n in chunk
             ]
             for (user, _n), others in zip(chunk, await self._call(conn, cmds), strict=True):
                 if others:
                     self._announce(user)
-                elif spreads == self._spreads and user in self._held:
+                elif user in self._held and not self._spread_since(user, spreads):
                     self._solo.add(user)
         if old:
             await self._call(conn, [(b"ZREM", nodes, old)])

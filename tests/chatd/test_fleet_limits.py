@@ -238,6 +238,27 @@ async def test_a_lapsed_node_registers_again(fleet: Fleet) -> None:
         await r.aclose()
 
 
+async def test_a_rotation_moves_the_counts_without_announcing_anyone(fleet: Fleet) -> None:
+    a = await fleet.node(rotate=0.2, heartbeat=0.05)
+    assert await a.connect("alice") is True
+    assert a.stats().solo == 1
+    r = redis.Redis.from_url(SHARED_REDIS)
+    key = f"{fleet.prefix}conns:alice"
+    try:
+        first = await r.hgetall(key)
+        rotated = first
+        for _ in range(100):  # a new incarnation within about 0.2 s
+            rotated = await r.hgetall(key)
+            if rotated.keys() != first.keys():
+                break
+            await asyncio.sleep(0.02)
+        assert rotated.keys() != first.keys() and list(rotated.values()) == [b"1"]
+    finally:
+        await r.aclose()
+    assert fleet.announced == []  # its old self is not "another node"
+    assert a.stats().solo == 1
+
+
 async def test_a_spread_while_a_connect_is_answered_keeps_the_user_checked(
     fleet: Fleet,
 ) -> None:
