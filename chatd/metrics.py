@@ -411,6 +411,11 @@ class _StoreCollector(Collector):
             value=stats.retries,
         )
         yield CounterMetricFamily(
+            "chatd_storage_locked_batches",
+            "PostgreSQL batches done the locked way at once (recent checked writes conflicted)",
+            value=stats.locked,
+        )
+        yield CounterMetricFamily(
             "chatd_storage_conflicts",
             "PostgreSQL batches planned on rows another commit moved: done again, locked",
             value=stats.conflicts,

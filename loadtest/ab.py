@@ -276,7 +276,12 @@ def _start(b: Build, r: int, secret: str, td: Path, extra: list[str]) -> list[Se
     return srvs
 
 
-_SCRAPED = ("chatd_storage_conflicts", "chatd_storage_batches", "chatd_fleet_limit_checks")
+_SCRAPED = (
+    "chatd_storage_conflicts",
+    "chatd_storage_locked_batches",
+    "chatd_storage_batches",
+    "chatd_fleet_limit_checks",
+)
 
 
 def _scrape(srvs: list[ServerProc]) -> dict[str, float]:

@@ -186,6 +186,9 @@ class StoreStats:
     failures: tuple[tuple[str, int], ...] = ()
     """Failed transactions by kind: `unavailable` (the database failed: nothing stored)
     and `rejected` (it refused a value: run again one write at a time)."""
+    locked: int = 0
+    """PostgreSQL: batches done the locked way at once, because recent checked writes
+    conflicted (storage/batch_pg.py, `Way`)."""
     conflicts: int = 0
     """PostgreSQL: batches whose checked write found a row moved by another commit
     since it was planned, done again the locked way (storage/batch_pg.py)."""

@@ -262,6 +262,8 @@ class PgBatchWriter:
         self._idle: list[asyncpg.Connection] = []
         self.conflicts = 0
         """Batches whose checked write found a row moved, done again the locked way."""
+        self.locked = 0
+        """Batches done the locked way at once (`Way`: checked writes conflicted lately)."""
         self.way = Way()
 
     async def _connection(self) -> asyncpg.Connection:
@@ -286,6 +288,8 @@ class PgBatchWriter:
                 results = await self._checked(conn, batch)
                 self.way.tried(conflict=results is None)
                 self.conflicts += results is None
+            else:
+                self.locked += 1
             if results is None:
                 results = await self._locked(conn, batch)
         except BaseException as exc:

@@ -170,7 +170,8 @@ class SqlStore:
     def stats(self) -> StoreStats:
         stats = self._writer.stats()
         if self._pg_writer is not None:
-            stats = dataclasses.replace(stats, conflicts=self._pg_writer.conflicts)
+            pg = self._pg_writer
+            stats = dataclasses.replace(stats, conflicts=pg.conflicts, locked=pg.locked)
         return stats
 
     # ---------------------------------------------------------------- lifecycle

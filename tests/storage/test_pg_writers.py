@@ -124,3 +124,17 @@ def test_the_way_turns_locked_while_checked_writes_conflict_and_probes_back() ->
     for _ in range(20):
         way.tried(conflict=False)  # the probes pass: conflicts have become rare
     assert way.checked() and way.checked()
+
+
+async def test_batches_go_the_locked_way_while_checked_writes_conflict(pg_url: str) -> None:
+    store = SqlStore(pg_url)
+    await store.open()
+    try:
+        writer = store._pg_writer
+        assert writer is not None
+        writer.way.rate = 1.0  # as after a run of conflicts
+        out = await store.send("alice", "bob", "c1", "x", "text", TS)
+        assert isinstance(out, SendOutcome) and out.message.seq == 1
+        assert (store.stats().locked, store.stats().conflicts) == (1, 0)
+    finally:
+        await store.close()
