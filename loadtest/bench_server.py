@@ -23,7 +23,7 @@ from typing import Any
 from .engine import CONNECT, Worker, WorkerConfig, raise_nofile
 from .generate import GenParams, generate
 from .report import build_report, format_table, write_report
-from .runner import ReplayOptions, _new_loop, mint_tokens, run_replay
+from .runner import ReplayOptions, mint_tokens, new_loop, run_replay
 from .servers import ServerProc, start_chatd, start_relay
 from .trace import Trace
 
@@ -129,7 +129,7 @@ def idle_memory(variant: str, n: int, tmp: Path, secret: str) -> dict[str, Any]:
         async def go() -> dict[str, Any]:
             return await Worker(cfg).run(stop, quiet)
 
-        with asyncio.Runner(loop_factory=_new_loop) as runner:
+        with asyncio.Runner(loop_factory=new_loop) as runner:
             res = runner.run(go())
         rss1 = int(state.get("rss1", srv.rss()))
         connected = len(res["conn_lat"]) // 8

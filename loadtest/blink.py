@@ -44,9 +44,7 @@ import math
 import os
 import re
 import secrets
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -63,6 +61,7 @@ import psutil  # type: ignore[import-untyped,unused-ignore]
 from .checker import check
 from .generate import GenParams, generate
 from .procstat import MachineBusy, PostgresCpu
+from .redis_server import RedisServer
 from .runner import ReplayOptions, run_replay
 from .servers import BENCH_LIMITS, _raise_nofile
 
@@ -133,100 +132,6 @@ class Timeline:
 
 
 # ---------------------------------------------------------------------- processes
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _answers_ping(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
-class RedisProc:
-    """Our own redis-server on 127.0.0.1 (no persistence); signalled by its PID only.
-    Start and restart it from the main thread: PR_SET_PDEATHSIG fires when the thread
-    that started it ends."""
-
-    def __init__(self, workdir: Path) -> None:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            raise RuntimeError("redis-server is not on PATH")
-        self.exe, self.workdir = exe, workdir
-        self.port = 0
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.stopped = False
-        self.starts = 0
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        """Start (on a free port the first time, on the same port after), wait for PONG."""
-        for attempt in range(3):
-            fresh = self.port == 0
-            if fresh:
-                self.port = _free_port()
-            try:
-                self._spawn()
-                return
-            except RuntimeError:
-                self.stop()
-                if not fresh or attempt == 2:
-                    raise
-                self.port = 0  # taken between bind and start: another port
-
-    def _spawn(self) -> None:
-        self.starts += 1
-        argv = [self.exe, "--port", str(self.port), "--bind", "127.0.0.1"]
-        argv += ["--save", "", "--appendonly", "no", "--dir", str(self.workdir)]
-        with open(self.workdir / f"redis-{self.starts}.log", "wb") as log:
-            self.proc = subprocess.Popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_raise_nofile
-            )
-        deadline = time.monotonic() + 10.0
-        while not _answers_ping(self.port):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server on port {self.port} did not start")
-            time.sleep(0.002)
-
-    def signal(self, sig: signal.Signals) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, sig)
-        if sig == signal.SIGSTOP:
-            self.stopped = True
-        elif sig == signal.SIGCONT:
-            self.stopped = False
-
-    def wait_exit(self, timeout: float = 10.0) -> None:
-        assert self.proc is not None
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout)
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        if self.stopped:
-            os.kill(proc.pid, signal.SIGCONT)
-            self.stopped = False
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10.0)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(10.0)
 
 
 class Node:
@@ -409,7 +314,7 @@ class Fault:
 
     _AHEAD = 0.15
 
-    def __init__(self, redis: RedisProc, how: str, at: float, downtime: float) -> None:
+    def __init__(self, redis: RedisServer, how: str, at: float, downtime: float) -> None:
         self.redis, self.how, self.at, self.downtime = redis, how, at, downtime
         self.down_ns = self.up_ns = self.exited_ns = 0
 
@@ -418,15 +323,14 @@ class Fault:
             _sleep_until(elapsed, self.at)
             self.down_ns = time.monotonic_ns()
             if self.how == "stall":
-                self.redis.signal(signal.SIGSTOP)
+                self.redis.pause()
             elif self.how != "none":
-                self.redis.signal(signal.SIGKILL if self.how == "kill" else signal.SIGTERM)
-                self.redis.wait_exit()
+                self.redis.kill(signal.SIGKILL if self.how == "kill" else signal.SIGTERM)
                 self.exited_ns = time.monotonic_ns()
         elif self.down_ns and not self.up_ns and elapsed >= self.at + self.downtime - self._AHEAD:
             _sleep_until(elapsed, self.at + self.downtime)
             if self.how == "stall":
-                self.redis.signal(signal.SIGCONT)
+                self.redis.resume()
             elif self.how != "none":
                 self.redis.start()  # the same port; returns once it answers PING
             self.up_ns = time.monotonic_ns()
@@ -920,7 +824,7 @@ def run_blink(opt: BlinkOptions) -> dict[str, Any]:
     secret = secrets.token_urlsafe(32)
     db = f"chatd_blink_{os.getpid()}"
     db_url = _pg_db_url(opt.pg_admin, db)
-    redis = RedisProc(out)
+    redis = RedisServer(out)
     nodes: list[Node] = []
     created = False
     try:

@@ -49,15 +49,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import json
 import math
 import os
 import random
-import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -73,8 +69,10 @@ import redis.asyncio as aioredis
 from redis.asyncio.connection import Connection
 
 from .procstat import MachineBusy
+from .redis_server import RedisServer, private_redis
+from .runner import new_loop
 
-__all__ = ["DESIGNS", "Config", "RedisServer", "main", "own_redis", "run"]
+__all__ = ["DESIGNS", "Config", "main", "own_redis", "run"]
 
 DESIGNS = ("user", "inbox", "inbox-lua")
 LABELS = {"user": "A user channels", "inbox": "B inbox+cache", "inbox-lua": "B' inbox+lua"}
@@ -100,95 +98,14 @@ Item = tuple[int, int, float]  # (user, message id, time queued)
 # ---------------------------------------------------------------------- redis-server
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _answers_ping(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM when the benchmark dies, even by SIGKILL."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-class RedisServer:
-    """Our own `redis-server` on 127.0.0.1 on a free port, without persistence; only its
-    PID is ever signalled."""
-
-    def __init__(self, workdir: Path) -> None:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            raise RuntimeError("redis-server is not on PATH")
-        self._exe, self._dir = exe, workdir
-        self.port = 0
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self._proc is not None
-        return self._proc.pid
-
-    def start(self) -> None:
-        """Start on a free port (three tries: a port may be taken between bind and start)
-        and wait until it answers PING."""
-        for attempt in range(3):
-            self.port = free_port()
-            with open(self._dir / f"redis-{self.port}.log", "ab") as log:
-                self._proc = subprocess.Popen(
-                    [
-                        *(self._exe, "--port", str(self.port), "--bind", "127.0.0.1"),
-                        *("--save", "", "--appendonly", "no", "--dir", str(self._dir)),
-                    ],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    preexec_fn=_die_with_parent,  # no threads here yet
-                )
-            deadline = time.monotonic() + _START_DEADLINE_S
-            while not _answers_ping(self.port):
-                if self._proc.poll() is not None or time.monotonic() > deadline:
-                    break
-                time.sleep(0.02)
-            else:
-                return
-            self.stop()
-            if attempt == 2:
-                raise RuntimeError(f"redis-server did not start (log in {self._dir})")
-
-    def stop(self) -> None:
-        """SIGTERM our server by its PID and wait (SIGKILL after 10 s)."""
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=_START_DEADLINE_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=_START_DEADLINE_S)
-
-
 @contextlib.contextmanager
 def own_redis() -> Iterator[RedisServer]:
     """A started RedisServer in a temporary directory, stopped on the way out."""
-    with tempfile.TemporaryDirectory(prefix="chatd-channels-") as tmp:
-        server = RedisServer(Path(tmp))
-        try:
-            server.start()
-            yield server
-        finally:
-            server.stop()
+    with (
+        tempfile.TemporaryDirectory(prefix="chatd-channels-") as tmp,
+        private_redis(Path(tmp)) as server,
+    ):
+        yield server
 
 
 # ---------------------------------------------------------------------- simulation
@@ -839,20 +756,11 @@ async def _run_design(cfg: Config, design: str, server: RedisServer) -> dict[str
     return out
 
 
-def _new_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-    return loop
-
-
 def run(cfg: Config, designs: Sequence[str] = DESIGNS, rounds: int = 1) -> list[dict[str, Any]]:
     """Each design on a redis-server of its own, one after the other; `rounds` times,
     every other round in reverse order."""
     results = []
-    with asyncio.Runner(loop_factory=_new_loop) as runner:
+    with asyncio.Runner(loop_factory=new_loop) as runner:
         for r in range(rounds):
             for design in designs if r % 2 == 0 else designs[::-1]:
                 with own_redis() as server:

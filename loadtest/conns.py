@@ -69,6 +69,8 @@ from chatd.admission import budget_for
 from .ab import _round_db
 from .engine import raise_nofile
 from .hist import encode_ns, merge, summary
+from .redis_server import private_redis
+from .runner import new_loop
 from .servers import BENCH_LIMITS, _raise_nofile
 from .wsclient import HandshakeError, WsConn
 
@@ -278,15 +280,6 @@ class _Gen:
         }
 
 
-def _new_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-    return loop
-
-
 def _gen_main(spec: GenSpec, q: Any, go: Any, stop: Any) -> None:
     """A generator process: mint its tokens, wait for `go`, open, hold until `stop`."""
     if sys.platform.startswith("linux"):
@@ -304,7 +297,7 @@ def _gen_main(spec: GenSpec, q: Any, go: Any, stop: Any) -> None:
     def report(kind: str, value: Any) -> None:
         q.put((kind, spec.gid, value))
 
-    with asyncio.Runner(loop_factory=_new_loop) as runner:
+    with asyncio.Runner(loop_factory=new_loop) as runner:
         res = runner.run(_Gen(spec, tokens).run(report, stop.wait))
     q.put(("result", spec.gid, res))
 
@@ -450,42 +443,11 @@ class Fleet:
 @contextlib.contextmanager
 def own_redis() -> Iterator[tuple[str, psutil.Process]]:
     """A redis-server of this run's own on a free port of 127.0.0.1, without persistence."""
-    exe = shutil.which("redis-server")
-    if exe is None:
-        raise RuntimeError("redis-server is not on PATH (or pass --redis URL)")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    with tempfile.TemporaryDirectory(prefix="chatd-conns-redis-") as td:
-        proc = subprocess.Popen(
-            [exe, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"],
-            cwd=td,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            preexec_fn=_raise_nofile,
-        )
-        try:
-            deadline = time.monotonic() + 10.0
-            while True:
-                with (
-                    contextlib.suppress(OSError),
-                    socket.create_connection(("127.0.0.1", port), timeout=0.5) as c,
-                ):
-                    c.sendall(b"PING\r\n")
-                    if c.recv(16).startswith(b"+PONG"):
-                        break
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError(f"redis-server on port {port} did not start")
-                time.sleep(0.05)
-            yield f"redis://127.0.0.1:{port}/0", psutil.Process(proc.pid)
-        finally:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(5)
+    with (
+        tempfile.TemporaryDirectory(prefix="chatd-conns-redis-") as td,
+        private_redis(Path(td)) as server,
+    ):
+        yield server.url, psutil.Process(server.pid)
 
 
 # ---------------------------------------------------------------------- phases

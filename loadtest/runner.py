@@ -20,7 +20,7 @@ from typing import Any
 from .engine import Worker, WorkerConfig, raise_nofile, to_events
 from .trace import Trace
 
-__all__ = ["ReplayOptions", "mint_tokens", "replay_inprocess", "run_replay"]
+__all__ = ["ReplayOptions", "mint_tokens", "new_loop", "replay_inprocess", "run_replay"]
 
 
 @dataclass(slots=True)
@@ -85,7 +85,8 @@ def _configs(trace: Trace, opt: ReplayOptions, start_ns: int) -> list[WorkerConf
     return cfgs
 
 
-def _new_loop() -> asyncio.AbstractEventLoop:
+def new_loop() -> asyncio.AbstractEventLoop:
+    """A uvloop event loop where uvloop is installed (the load tester's processes)."""
     try:
         import uvloop
     except ImportError:
@@ -104,7 +105,7 @@ def _worker_main(cfg: WorkerConfig, q: Any, stop_evt: Any, out: str) -> None:
     def quiescent() -> None:
         q.put(("quiescent", cfg.wid))
 
-    with asyncio.Runner(loop_factory=_new_loop) as runner:
+    with asyncio.Runner(loop_factory=new_loop) as runner:
         res = runner.run(Worker(cfg, progress).run(stop_evt.is_set, quiescent))
     with open(out, "wb") as f:
         pickle.dump(res, f, protocol=pickle.HIGHEST_PROTOCOL)

@@ -25,10 +25,10 @@ import pytest
 import pytest_asyncio
 from sqlalchemy.engine import make_url
 
+from loadtest.redis_server import RedisServer, private_redis
 from storage.migrate import upgrade_async
 from storage.sql import SqlStore
 from storage.urls import normalize_url
-from tests.redis_server import RedisServer, private_redis
 
 PG_DEFAULT = "postgresql://postgres@127.0.0.1:5432/postgres"
 

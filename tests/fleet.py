@@ -35,9 +35,9 @@ from urllib.parse import urlsplit
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from chatd.auth import Authenticator
+from loadtest.redis_server import free_port
 
 from .e2e.helpers import RawConn, http_get, is_t
-from .redis_server import free_port
 
 __all__ = [
     "REPO",

@@ -25,7 +25,7 @@ import redis.asyncio as aioredis
 from chatd.broker import Broker, BrokerUnavailable, Deliver, LiveEvent
 from chatd.broker_memory import LocalBroker
 from chatd.broker_redis import SUBSCRIBE_BATCH, RedisBroker
-from tests.redis_server import RedisServer, free_port, private_redis
+from loadtest.redis_server import RedisServer, free_port, private_redis
 
 SHARED_REDIS = os.environ.get("CHATD_TEST_REDIS", "redis://127.0.0.1:6379/0")
 DEADLINE = 10.0

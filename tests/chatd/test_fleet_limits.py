@@ -18,7 +18,7 @@ from chatd.config import Policy
 from chatd.hub import Hub
 from chatd.limits import SPREAD, Kind, NodeOnly
 from chatd.limits_redis import RedisLimits
-from tests.redis_server import RedisServer
+from loadtest.redis_server import RedisServer
 
 SHARED_REDIS = "redis://127.0.0.1:6379/0"
 POLICY = Policy(send_rate=0.5, send_burst=3, typing_rate=0.5, max_connections_per_user=2)

@@ -17,7 +17,7 @@ import pytest_asyncio
 import redis.asyncio as redis
 
 from chatd.server import Server
-from tests.redis_server import RedisServer
+from loadtest.redis_server import RedisServer
 
 from .conftest import Clients, MakeConfig, Servers
 from .helpers import RawConn, is_t

@@ -26,9 +26,9 @@ import yaml
 from sqlalchemy.engine import make_url
 
 from chatd.config import OPTIONS, add_options, config_from_args
+from loadtest.redis_server import RedisServer
 from storage.sql import SqlStore
 from tests.fleet import REPO, Device, Fleet, Haproxy, check_stream, render_haproxy
-from tests.redis_server import RedisServer
 from tests.storage.tcp_proxy import CuttableProxy
 
 SHARED_REDIS = "redis://127.0.0.1:6379/0"

@@ -1,7 +1,10 @@
-"""A private redis-server for tests that stop, restart or stall it.
+"""A redis-server of our own, for the benchmarks and tests that stop, stall, kill or
+restart it (`loadtest.blink`, `loadtest.channels`, `loadtest.conns`, tests/).
 
-Only this process's own server is ever signalled, by its PID; the machine's
-shared Redis is never touched here.
+Only this process's own server is ever signalled, by its PID; the machine's shared
+Redis is never touched here. The server gets SIGTERM when the thread that started it
+ends (PR_SET_PDEATHSIG), so that a crashed run leaves none behind: start and restart it
+from a thread that outlives it (the main thread).
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+from .servers import _raise_nofile
 
 __all__ = ["RedisServer", "free_port", "private_redis"]
 
@@ -37,7 +42,8 @@ def _answers_ping(port: int) -> bool:
 
 
 class RedisServer:
-    """`redis-server` on 127.0.0.1 on a port of its own, without persistence."""
+    """`redis-server` on 127.0.0.1 on a port of its own, without persistence; its log
+    is `redis-PORT.log` in `workdir`."""
 
     def __init__(self, workdir: Path) -> None:
         exe = shutil.which("redis-server")
@@ -59,11 +65,23 @@ class RedisServer:
         return self._proc.pid
 
     def start(self) -> None:
-        """Start on `port` (picked free the first time); wait until it answers PING."""
-        if self.port == 0:
-            self.port = free_port()
-        log = open(self._dir / f"redis-{self.port}.log", "ab")  # noqa: SIM115
-        with log:
+        """Start on `port` (a free one the first time: three tries, as a port may be
+        taken between bind and start); return once it answers PING."""
+        for attempt in range(3):
+            fresh = self.port == 0
+            if fresh:
+                self.port = free_port()
+            try:
+                self._spawn()
+                return
+            except RuntimeError:
+                self.stop()
+                if not fresh or attempt == 2:
+                    raise
+                self.port = 0
+
+    def _spawn(self) -> None:
+        with open(self._dir / f"redis-{self.port}.log", "ab") as log:
             self._proc = subprocess.Popen(
                 [
                     *(self._exe, "--port", str(self.port), "--bind", "127.0.0.1"),
@@ -71,12 +89,13 @@ class RedisServer:
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                preexec_fn=_raise_nofile,  # and PR_SET_PDEATHSIG
             )
         deadline = time.monotonic() + _START_DEADLINE_S
         while not _answers_ping(self.port):
             if self._proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"redis-server on port {self.port} did not start")
-            time.sleep(0.02)
+            time.sleep(0.002)
 
     def stop(self) -> None:
         """SIGTERM our server (SIGCONT first if stalled) and wait for it to exit."""
@@ -88,11 +107,17 @@ class RedisServer:
             if self._stopped:
                 self.resume_pid(proc.pid)
             proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=_START_DEADLINE_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=_START_DEADLINE_S)
+            _wait(proc)
+
+    def kill(self, sig: signal.Signals = signal.SIGKILL) -> None:
+        """Send `sig` (SIGKILL, SIGTERM) and wait until the server has exited; `start`
+        brings a new one up on the same port."""
+        proc = self._proc
+        if proc is None:
+            return
+        self._proc = None
+        os.kill(proc.pid, sig)
+        _wait(proc)
 
     def restart(self) -> None:
         self.stop()
@@ -111,19 +136,20 @@ class RedisServer:
         self._stopped = False
 
 
+def _wait(proc: subprocess.Popen[bytes]) -> None:
+    try:
+        proc.wait(timeout=_START_DEADLINE_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=_START_DEADLINE_S)
+
+
 @contextlib.contextmanager
 def private_redis(workdir: Path) -> Iterator[RedisServer]:
+    """A started RedisServer in `workdir`, stopped on the way out."""
     server = RedisServer(workdir)
-    for attempt in range(3):  # a free port may be taken between bind and start
-        try:
-            server.start()
-            break
-        except RuntimeError:
-            server.stop()
-            server.port = 0
-            if attempt == 2:
-                raise
     try:
+        server.start()
         yield server
     finally:
         server.stop()
