@@ -69,6 +69,7 @@ from chatd.admission import budget_for
 from .ab import _round_db
 from .engine import raise_nofile
 from .hist import encode_ns, merge, summary
+from .procstat import PostgresCpu
 from .redis_server import private_redis
 from .runner import new_loop
 from .servers import BENCH_LIMITS, _raise_nofile
@@ -520,7 +521,7 @@ def _collect(q: Any, procs: list[Any], kind: str, timeout: float) -> dict[int, A
 def _phase(
     fleet: Fleet,
     specs: list[GenSpec],
-    pg: PgCpu | None,
+    pg: PostgresCpu | None,
     redis: psutil.Process | None,
     hold_s: float = 0.0,
 ) -> dict[str, Any]:
@@ -643,43 +644,6 @@ class MachineCpu:
         }
 
 
-class PgCpu:
-    """CPU seconds of the PostgreSQL processes working for database `dbname` since `start()`:
-    its backends, and the server's shared background processes (they work for every
-    database: an upper bound). A backend's command line is `postgres: [CLUSTER: ]USER DB
-    HOST(PORT) STATE` (Debian sets a cluster name): its database is the word before the
-    host."""
-
-    def __init__(self, dbname: str) -> None:
-        self.dbname = dbname
-        self._start: dict[int, float] = {}
-
-    def _sample(self) -> dict[int, float]:
-        out: dict[int, float] = {}
-        for proc in Path("/proc").iterdir():
-            if not proc.name.isdigit():
-                continue
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                words = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode().split()
-                if not words or words[0] != "postgres:":
-                    continue
-                host = next(
-                    (i for i, w in enumerate(words) if w.endswith(")") or w == "[local]"), -1
-                )
-                if host > 0 and words[host - 1] != self.dbname:
-                    continue  # a backend of another database
-                stat = (proc / "stat").read_text()
-                fields = stat[stat.rindex(")") + 2 :].split()
-                out[int(proc.name)] = (int(fields[11]) + int(fields[12])) / _TICK
-        return out
-
-    def start(self) -> None:
-        self._start = self._sample()
-
-    def seconds(self) -> float:
-        return sum(t - self._start.get(pid, 0.0) for pid, t in self._sample().items())
-
-
 def listen_overflows() -> int:
     """The kernel's count of connections dropped or refused at a full accept queue
     (TcpExt ListenOverflows + ListenDrops, the whole machine), since boot."""
@@ -740,8 +704,7 @@ def _one_run(
     db = f"{base.rsplit('/', 1)[0]}/chatd_conns_{tag}_w{workers}" + (f"?{query}" if query else "")
     t_run = time.monotonic()
     tree = tree_state()
-    with _round_db(["--db", db], r) as (db_args, their_pg):
-        pg = None if their_pg is None else PgCpu(their_pg.dbname)
+    with _round_db(["--db", db], r) as (db_args, pg):
         fleet = Fleet(
             workers,
             [
