@@ -35,6 +35,7 @@ from redis.asyncio.connection import AbstractConnection
 
 from .config import Policy
 from .limits import FleetStats, Kind
+from .limits_held import Held
 from .redis_link import settings, supervise
 
 __all__ = ["RedisLimits"]
@@ -143,9 +144,8 @@ class _Check:
     user: str
     kind: Kind = Kind.SEND
     fut: asyncio.Future[float | None] | None = field(default=None)
-    spreads: int = 0
-    """`RedisLimits._spreads` when a CONNECT was queued: if a SPREAD came in since, its
-    answer cannot make the user solo (the SPREAD may be about this very connect)."""
+    epoch: int = 0
+    """A CONNECT's `Held.asking` epoch (see `limits_held`)."""
 
 
 class RedisLimits:
@@ -186,18 +186,8 @@ class RedisLimits:
         self._me = b""
         """This node's current incarnation ('' before the first connection)."""
         self._shas: list[bytes] = []
-        self._held: dict[str, int] = {}
-        """Connections per user this node holds that were not refused."""
-        self._solo: set[str] = set()
-        """Users held here and nowhere else, as of their last connect (see `limits`)."""
-        self._spreads = 0
-        """`spread` calls so far (see `_Check.spreads`)."""
-        self._spread_at: dict[str, int] = {}
-        """`_spreads` at the last `spread` of each user held here or being connected."""
-        self._connecting: dict[str, int] = {}
-        """CONNECT checks queued or in flight, per user."""
-        self._all_spread_at = 0
-        """`_spreads` at the last `spread()` of every user (and registration)."""
+        self._held = Held()
+        """Connections held here, and solo users (see `limits_held`)."""
         self._leaving = False
         """`close` has sent LEAVE: no heartbeat or registration may bring us back."""
         self._announce: Callable[[str], None] = lambda user: None
@@ -242,21 +232,10 @@ class RedisLimits:
         self._queue.clear()
 
     def spread(self, user: str | None = None) -> None:
-        self._spreads += 1
-        if user is None:
-            self._all_spread_at = self._spreads
-            self._solo.clear()
-        else:
-            if user in self._held or user in self._connecting:
-                self._spread_at[user] = self._spreads
-            self._solo.discard(user)
-
-    def _spread_since(self, user: str, epoch: int) -> bool:
-        """Whether `user` (or everyone) was spread after `epoch`."""
-        return max(self._all_spread_at, self._spread_at.get(user, 0)) > epoch
+        self._held.spread(user)
 
     def take(self, kind: Kind, user: str) -> asyncio.Future[float | None] | None:
-        if user in self._solo:  # this node's buckets are the fleet's
+        if user in self._held.solo:  # this node's buckets are the fleet's
             return None
         if not self._up.is_set():
             self._unanswered += 1
@@ -266,18 +245,17 @@ class RedisLimits:
         return fut
 
     def refund(self, kind: Kind, user: str) -> None:
-        if self._up.is_set() and user not in self._solo:
+        if self._up.is_set() and user not in self._held.solo:
             self._push(_Check(_Op.REFUND, user, kind))
 
     async def connect(self, user: str) -> bool | None:
         if not self._up.is_set():
             self._unanswered += 1
-            self._count(user, 1)
-            self._solo.discard(user)
+            self._held.held(user)
             return None
         fut: asyncio.Future[float | None] = asyncio.get_running_loop().create_future()
-        self._connecting[user] = self._connecting.get(user, 0) + 1
-        self._push(_Check(_Op.CONNECT, user, fut=fut, spreads=self._spreads))
+        epoch = self._held.asking(user)
+        self._push(_Check(_Op.CONNECT, user, fut=fut, epoch=epoch))
         try:
             got = await asyncio.shield(fut)
         except asyncio.CancelledError:  # counted all the same (see `_resolve`): undo it
@@ -291,14 +269,14 @@ class RedisLimits:
         return None if got is None else got != 0.0
 
     def disconnect(self, user: str) -> None:
-        self._count(user, -1)
+        self._held.released(user)
         if self._up.is_set():
             self._push(_Check(_Op.DISCONNECT, user))
 
     def stats(self) -> FleetStats:
         return FleetStats(
             self._up.is_set(),
-            len(self._solo),
+            len(self._held.solo),
             self._allowed,
             self._refused,
             self._unanswered,
@@ -311,32 +289,13 @@ class RedisLimits:
         self._queue.append(check)
         self._wake.set()
 
-    def _count(self, user: str, delta: int) -> None:
-        n = self._held.get(user, 0) + delta
-        if n > 0:
-            self._held[user] = n
-        else:
-            self._held.pop(user, None)
-            if user not in self._connecting:
-                self._spread_at.pop(user, None)
-            self._solo.discard(user)
-
     def _resolve(self, check: _Check, result: float | None, others: int = 1) -> None:
         """Answer one check (None: unanswered). A connection that was not refused is
         held from this moment: re-registration counts it. `others`: nodes besides
         this one that hold the user (a connect's)."""
         if check.op is _Op.CONNECT:
-            left = self._connecting.pop(check.user, 1) - 1
-            if left:
-                self._connecting[check.user] = left
-            elif result == 0.0 and check.user not in self._held:  # refused: forget it
-                self._spread_at.pop(check.user, None)
-        if check.op is _Op.CONNECT and result != 0.0:
-            self._count(check.user, 1)
-            if result is None or others or self._spread_since(check.user, check.spreads):
-                self._solo.discard(check.user)
-            else:
-                self._solo.add(check.user)
+            counted = None if result is None else result != 0.0
+            self._held.answered(check.user, counted, others, check.epoch)
         if check.fut is not None and not check.fut.done():
             check.fut.set_result(result)
 
@@ -401,13 +360,10 @@ class RedisLimits:
         that one of them counts all along). Users held elsewhere too are announced
         (SPREAD); the others are solo here."""
         old, self._me = self._me, f"{self._node}/{secrets.token_hex(4)}".encode()
-        self._solo.clear()
-        self._spreads += 1
-        self._all_spread_at = spreads = self._spreads
+        held, epoch = self._held.registering()
         kept = [c for c in self._queue if c.op is not _Op.DISCONNECT]
         self._queue.clear()
         self._queue.extend(kept)
-        held = list(self._held.items())
         self._up.set()
         await self._call(conn, [self._beat()])
         sha, nodes, ttl = self._shas[4], self._nodes_key, self._key_ttl_ms
@@ -417,11 +373,11 @@ class RedisLimits:
                 (b"EVALSHA", sha, b"2", self._key(u), nodes, self._me, b"%d" % n, ttl, old)
                 for u, n in chunk
             ]
-            for (user, _n), others in zip(chunk, await self._call(conn, cmds), strict=True):
+            for (user, _n), reply in zip(chunk, await self._call(conn, cmds), strict=True):
+                others = reply if isinstance(reply, int) else 1
                 if others:
                     self._announce(user)
-                elif user in self._held and not self._spread_since(user, spreads):
-                    self._solo.add(user)
+                self._held.registered(user, others, epoch)
         if old:
             await self._call(conn, [(b"ZREM", nodes, old)])
         me = self._me.decode()

@@ -17,6 +17,7 @@ from chatd.broker_memory import LocalBroker
 from chatd.config import Policy
 from chatd.hub import Hub
 from chatd.limits import SPREAD, Kind, NodeOnly
+from chatd.limits_held import Held
 from chatd.limits_redis import RedisLimits
 from loadtest.redis_server import RedisServer
 
@@ -313,3 +314,32 @@ async def test_node_only_never_answers() -> None:
     limits.refund(Kind.SEND, "alice")
     assert not limits.stats().up
     await limits.close()
+
+
+def test_held_a_connect_answered_after_a_spread_is_not_solo() -> None:
+    held = Held()
+    epoch = held.asking("alice")
+    held.spread("alice")  # about another node's connect, read before our answer
+    held.answered("alice", True, 0, epoch)
+    assert held.counts == {"alice": 1} and held.solo == set()
+    epoch = held.asking("alice")
+    held.answered("alice", True, 0, epoch)  # a later connect with nobody else: solo
+    assert held.counts == {"alice": 2} and held.solo == {"alice"}
+    held.released("alice")
+    held.released("alice")
+    assert held.counts == {} and held.solo == set()
+
+
+def test_held_refusals_unanswered_and_registration() -> None:
+    held = Held()
+    held.answered("bob", False, 1, held.asking("bob"))  # refused: nothing held
+    held.answered("carol", None, 0, held.asking("carol"))  # unanswered: held, not solo
+    assert held.counts == {"carol": 1} and held.solo == set()
+    counts, epoch = held.registering()
+    assert counts == [("carol", 1)]
+    held.registered("carol", 0, epoch)
+    assert held.solo == {"carol"}
+    counts, epoch = held.registering()
+    held.spread()  # a broker resync during the registration
+    held.registered("carol", 0, epoch)
+    assert held.solo == set()
